@@ -1,0 +1,3 @@
+from peftcli.cli.app import main
+
+main()

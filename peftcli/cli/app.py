@@ -1,0 +1,60 @@
+"""The `peft` command. Heavy libraries (torch, transformers) are imported inside commands, never here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from peftcli import __version__
+from peftcli.cli import recipe as recipe_commands
+from peftcli.cli import train as train_commands
+from peftcli.errors import PeftCliError
+
+app = typer.Typer(
+    name="peft",
+    help="Parameter-efficient fine-tuning from YAML recipes.\n\n"
+    "Exit codes: 0 success, 2 a problem in your input (recipe, data, paths), 1 anything else.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+app.command("train")(train_commands.train)
+recipe_app.command("validate")(recipe_commands.validate)
+recipe_app.command("show")(recipe_commands.show)
+recipe_app.command("schema")(recipe_commands.schema)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"peftcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Parameter-efficient fine-tuning from YAML recipes."""
+
+
+def print_error(error: PeftCliError) -> None:
+    """One line per problem on stderr."""
+    for line in error.lines():
+        typer.echo(f"error: {line}", err=True)
+
+
+def main() -> None:
+    """Console entry point: user errors exit 2 with one line each; bugs keep their traceback (exit 1)."""
+    try:
+        app()
+    except PeftCliError as error:
+        print_error(error)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

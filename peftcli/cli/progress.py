@@ -1,0 +1,153 @@
+"""What `peft train` shows: the plan, a progress bar (or plain lines when not on a terminal), the result."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from peftcli.recipe.schema import DataSource, Recipe, SplitValidation
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
+
+
+def print_plan(recipe: Recipe, mode: str) -> None:
+    """The dry-run plan: what would be loaded, trained and written."""
+    console = Console()
+    t = recipe.training
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row(
+        "model", f"{recipe.model.name_or_path} (dtype {recipe.model.dtype}, {recipe.model.attn_implementation})"
+    )
+    params = recipe.method.model_dump(exclude={"name"})
+    table.add_row("method", f"{recipe.method.name} " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    train_src = recipe.data.train
+    table.add_row(
+        "train data",
+        f"{train_src.path} [{train_src.format}]"
+        + (f", first {train_src.max_samples}" if train_src.max_samples else ""),
+    )
+    val = recipe.data.validation
+    if isinstance(val, SplitValidation):
+        table.add_row("validation", f"{val.fraction:.1%} held out of the training data")
+    elif isinstance(val, DataSource):
+        table.add_row("validation", f"{val.path} [{val.format}]")
+    else:
+        table.add_row("validation", "none")
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs or 1} epoch(s)"
+    table.add_row("length", length)
+    table.add_row(
+        "batch",
+        f"{t.batch_size} per device x {t.gradient_accumulation} accumulation x world size "
+        f"(effective {t.batch_size * t.gradient_accumulation} per process)",
+    )
+    table.add_row(
+        "optimizer", f"{t.optimizer} lr {t.learning_rate:g}, {t.schedule} schedule, weight decay {t.weight_decay:g}"
+    )
+    table.add_row(
+        "precision", f"{t.precision}; activation checkpointing {'on' if t.activation_checkpointing else 'off'}"
+    )
+    table.add_row(
+        "evaluation", f"every {t.eval_every} steps" if t.eval_every else "at start and end" if val else "none"
+    )
+    table.add_row("checkpoints", f"every {t.save_every} steps, keep {t.keep_checkpoints}" if t.save_every else "none")
+    verb = {"new": "write", "resume": "resume in", "overwrite": "replace the run in"}[mode]
+    table.add_row("output", f"{verb} {recipe.output.dir}")
+    console.print("[bold]plan[/bold] (dry run: nothing loaded, nothing written)")
+    console.print(table)
+
+
+class RichReporter:
+    """Progress for people (a live bar on a terminal) and for CI logs (one line per logged step)."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = _is_main_process()
+        self.live = self.console.is_terminal
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, plan: dict) -> None:
+        if not self.enabled:
+            return
+        c = self.console
+        stats = plan["data_stats"]["train"]
+        c.print(
+            f"[bold]training[/bold] {plan['trainable_params']:,} of {plan['total_params']:,} parameters "
+            f"({plan['trainable_params'] / max(1, plan['total_params']):.3%}) in {plan['targeted_modules']} modules; "
+            f"{plan['train_examples']} train / {plan['validation_examples']} validation examples; "
+            f"effective batch {plan['effective_batch_size']} ({plan['world_size']} process(es)); "
+            f"{plan['total_steps']} steps on {plan['device']}, mixed precision {plan['precision']}"
+        )
+        if stats["truncated"] or stats["dropped_no_labels"]:
+            c.print(
+                f"[yellow]note[/yellow]: {stats['truncated']} training examples truncated to data.max_length, "
+                f"{stats['dropped_no_labels']} dropped for having no label tokens"
+            )
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=c,
+            )
+            self.task = self.progress.add_task(
+                "train", total=plan["total_steps"], completed=plan["start_step"], info=""
+            )
+            self.progress.start()
+
+    def step(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=metrics["step"], info=info)
+        else:
+            self.console.print(f"step {metrics['step']}/{metrics['total_steps']}  {info}", highlight=False)
+
+    def evaluation(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        if "eval_loss" in metrics:
+            text = f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  ppl {metrics['eval_ppl']:.2f}"
+        else:
+            text = (
+                f"generation @ step {metrics['step']}: {metrics['gen_matches']}/{metrics['gen_prompts']} "
+                f"answers match ({metrics['gen_score']:.0%})"
+            )
+        (self.progress.console if self.progress else self.console).print(text, highlight=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        c = self.console
+        before, after = summary.get("eval_before"), summary.get("eval_after")
+        if before and after:
+            c.print(
+                f"[bold]validation loss[/bold] {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
+                f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f})"
+            )
+        gb, ga = summary.get("generation_before"), summary.get("generation_after")
+        if gb and ga:
+            c.print(
+                f"[bold]generation score[/bold] {gb['gen_matches']}/{gb['gen_prompts']} -> "
+                f"{ga['gen_matches']}/{ga['gen_prompts']} answers match the pattern"
+            )
+        c.print(
+            f"done: {summary['steps']} steps, {summary['train_tokens']:,} tokens in {summary['time_s']:.1f}s "
+            f"({summary['tokens_per_s']:.0f} tok/s); adapter written to {summary.get('output_dir', '')}",
+            highlight=False,
+        )

@@ -1,0 +1,61 @@
+"""`peft recipe validate|show|schema`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from peftcli.errors import PeftCliError, RecipeError
+
+SET_HELP = "Override a recipe key, typed against the schema: --set training.max_steps=10 (repeatable)."
+
+
+def validate(
+    files: list[Path] = typer.Argument(..., help="Recipe files to check."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Check recipe files; every problem of every file is reported, one line each."""
+    from peftcli.recipe.load import load_recipe
+
+    problems: list[str] = []
+    for path in files:
+        try:
+            load_recipe(path, overrides)
+            typer.echo(f"ok: {path}")
+        except PeftCliError as error:
+            problems.extend(error.lines())
+    if problems:
+        raise RecipeError(problems)
+
+
+def show(
+    file: Path = typer.Argument(..., help="Recipe file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+) -> None:
+    """Print the resolved recipe: overrides applied, defaults filled in."""
+    from peftcli.recipe.load import load_recipe, recipe_to_dict, recipe_to_yaml
+
+    recipe = load_recipe(file, overrides)
+    typer.echo(json.dumps(recipe_to_dict(recipe), indent=2) if as_json else recipe_to_yaml(recipe), nl=False)
+    if as_json:
+        typer.echo()
+
+
+def schema(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Print the recipe JSON Schema (for editor completion: yaml-language-server, VS Code)."""
+    from peftcli.recipe.schema import Recipe
+
+    document = Recipe.model_json_schema()
+    document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    document["title"] = "peftcli recipe"
+    text = json.dumps(document, indent=2) + "\n"
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {output}")

@@ -1,0 +1,1 @@
+"""Data: load sources, render formats into token ids and labels, collate batches."""

@@ -1,0 +1,1 @@
+"""Base model and tokenizer loading."""

@@ -1,0 +1,1 @@
+"""Recipes: YAML files validated by strict pydantic models (`schema`), loaded by `load`."""

@@ -1,0 +1,139 @@
+"""Read a recipe file: YAML, `${VAR}` expansion, `--set a.b=c` overrides, strict validation."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from peftcli.errors import PeftCliError, RecipeError
+from peftcli.recipe.errors import format_validation_error, suggest, walk
+from peftcli.recipe.schema import Recipe
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, path: str, problems: list[str], source: str) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; an unset VAR without default is an error."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), problems, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{path}[{i}]", problems, source) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{source}: {path}: environment variable {name} is not set (or write ${{{name}:-default}})")
+        return match.group(0)
+
+    return _ENV_PATTERN.sub(replace, value)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'training.max_steps=10' -> (['training', 'max_steps'], 10); the value is read as YAML."""
+    if "=" not in text:
+        raise PeftCliError(f"--set {text}: expected KEY=VALUE, e.g. --set training.max_steps=10")
+    key, raw = text.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise PeftCliError(f"--set {text}: the key must be a dotted path like training.learning_rate")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _check_override_path(data: dict, keys: list[str], text: str) -> None:
+    """Refuse an override whose key the schema does not have, with a suggestion."""
+    loc: list[Any] = []
+    for index, key in enumerate(keys):
+        _, holders = walk(Recipe, tuple(loc + [key]))
+        if index == 0:
+            holders = [Recipe]
+        if key == "name" and loc == ["method"]:
+            return
+        if loc == ["method"]:
+            # the method's own keys depend on which method the recipe (after overrides) names
+            method = data.get("method") if isinstance(data.get("method"), dict) else {}
+            loc = ["method", method.get("name", "")]
+            _, holders = walk(Recipe, tuple(loc + [key]))
+        fields = sorted({f for m in holders for f in m.model_fields})
+        if holders and key not in fields:
+            where = ".".join(keys[:index]) or "top level"
+            raise PeftCliError(f"--set {text}: no key '{key}' under {where}{suggest(key, fields)}")
+        if not holders:
+            return  # below a free-form mapping (e.g. data.train.columns)
+        loc.append(key)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """A copy of the raw recipe with each `--set KEY=VALUE` applied in order."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+        _check_override_path(data, keys, text)
+    return data
+
+
+def read_recipe_dict(path: str | Path) -> dict:
+    """The raw mapping of a recipe file, with YAML errors reported by line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftCliError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PeftCliError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise PeftCliError(f"{path}: the recipe is empty; it needs model, method, data and output sections")
+    if not isinstance(data, dict):
+        raise PeftCliError(f"{path}: a recipe is a mapping of sections (model, method, ...), got {type(data).__name__}")
+    return data
+
+
+def validate_recipe_dict(data: dict, source: str) -> Recipe:
+    """Validate a raw mapping; every problem of the file is reported at once."""
+    problems: list[str] = []
+    data = _expand_env(data, "", problems, source)
+    if problems:
+        raise RecipeError(problems)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(source, Recipe, exc)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    data = apply_overrides(read_recipe_dict(path), list(overrides))
+    return validate_recipe_dict(data, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe (defaults filled in) as plain data."""
+    return recipe.model_dump(mode="json")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, sections in recipe order."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,251 @@
+"""The recipe: five sections, `model`, `method`, `data`, `training`, `output`.
+
+`method` is a union discriminated by `name` whose members come from the tuner registry, so a method added
+to the registry is a recipe choice, a schema entry and a `peft methods` row with no other edit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from peftcli.recipe.base import StrictModel
+from peftcli.tuners.registry import all_tuners
+
+DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def looks_like_local_path(value: str) -> bool:
+    """True when a string names a local file rather than a hub id (so a missing one is an error, not a download)."""
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or Path(value).suffix.lower() in {*DATA_FILE_SUFFIXES, ".gguf", ".yaml", ".yml"}
+        or os.sep == "\\"
+        and "\\" in value
+    )
+
+
+def _check_local_path(value: str, what: str) -> str:
+    expanded = os.path.expanduser(value)
+    if os.path.exists(expanded):
+        return expanded
+    if looks_like_local_path(value):
+        raise ValueError(f"{what} not found: {value} (relative paths are read from the current directory)")
+    return value  # a hub id; resolved when loaded
+
+
+class ModelSection(StrictModel):
+    """The base model and its tokenizer."""
+
+    name_or_path: str = Field(
+        description="Hub id, local Hugging Face model directory, or a .gguf file (dequantized on load)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    tokenizer: str | None = Field(None, description="Tokenizer to use instead of the model's own.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="dtype of the base weights; auto keeps the checkpoint's own (fp32 for GGUF)."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repository to run its own Python code. Off unless you trust it."
+    )
+    task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained to do.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        return _check_local_path(value, "model")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, value: str | None) -> str | None:
+        return None if value is None else _check_local_path(value, "tokenizer")
+
+
+def _method_union() -> Any:
+    members = [spec.params for spec in all_tuners().values()]
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
+
+
+MethodParams = _method_union()
+
+DataFormat = Literal["chat", "alpaca", "prompt_completion", "text"]
+
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
+class DataSource(StrictModel):
+    """One dataset: a local file (jsonl, json, csv, parquet, txt), a directory of them, or a hub dataset."""
+
+    path: str = Field(description="Local file or directory, or a hub dataset name.")
+    format: DataFormat = Field(
+        description="chat (a list of role/content messages), alpaca (instruction/input/output), "
+        "prompt_completion, or text (plain language modelling)."
+    )
+    split: str = Field("train", description="Split to read (hub datasets, or the split a local file becomes).")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where the format's fields live in your data, e.g. {prompt: question, completion: answer}.",
+    )
+    prompt_style: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="alpaca and prompt_completion: render through the tokenizer's chat template (chat) "
+        "or as plain text (plain); auto picks chat when the tokenizer has a template.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every chat-style example.")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N examples.")
+
+    @field_validator("path")
+    @classmethod
+    def _data_exists(cls, value: str) -> str:
+        return _check_local_path(value, "data file")
+
+    @model_validator(mode="after")
+    def _columns_belong_to_format(self) -> DataSource:
+        allowed = FORMAT_COLUMNS[self.format]
+        unknown = sorted(set(self.columns) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"columns: {', '.join(unknown)} not a field of format {self.format!r}; "
+                f"its fields are {', '.join(allowed)}"
+            )
+        return self
+
+
+class SplitValidation(StrictModel):
+    """Hold out a fraction of the training data for evaluation."""
+
+    fraction: float = Field(gt=0.0, lt=1.0, description="Share of the training examples held out.")
+
+
+def _validation_kind(value: Any) -> str:
+    if isinstance(value, dict) and "fraction" in value:
+        return "SplitValidation"
+    if isinstance(value, SplitValidation):
+        return "SplitValidation"
+    return "DataSource"
+
+
+ValidationSpec = Annotated[
+    Union[Annotated[SplitValidation, Tag("SplitValidation")], Annotated[DataSource, Tag("DataSource")]],  # noqa: UP007
+    Discriminator(_validation_kind),
+]
+
+
+class DataSection(StrictModel):
+    """Training and validation data, and how it is turned into token ids and labels."""
+
+    train: DataSource
+    validation: ValidationSpec | None = Field(
+        None, description="{fraction: 0.05} to hold out part of train, or a data source of its own."
+    )
+    max_length: int = Field(1024, gt=8, description="Examples are truncated to this many tokens.")
+    mask_prompt: bool = Field(
+        True,
+        description="Compute the loss on completions and assistant turns only; false trains on every token.",
+    )
+    shuffle_seed: int | None = Field(None, description="Seed of the validation split; defaults to training.seed.")
+
+
+class EvalGeneration(StrictModel):
+    """Greedy generations on validation prompts, scored by a regular expression (e.g. a GSM8K answer form)."""
+
+    prompts: int = Field(8, gt=0, description="How many validation prompts to answer.")
+    max_new_tokens: int = Field(128, gt=0, description="Generation budget per prompt.")
+    pattern: str = Field(description="Python regex searched in each generation; the score is the share found.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+class TrainingSection(StrictModel):
+    """The optimisation loop."""
+
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run (overrides epochs).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1).")
+    batch_size: int = Field(4, gt=0, description="Examples per device per micro-step.")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2.")
+    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps (or use warmup_ratio).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a share of all steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision of the computation; auto: bf16 where supported, else fp32."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
+    eval_at_start: bool = Field(True, description="Evaluate before the first step, for a before/after figure.")
+    eval_generation: EvalGeneration | None = Field(
+        None, description="Also score greedy generations on validation prompts, before and after training."
+    )
+    save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
+    log_every: int = Field(1, gt=0, description="Log training metrics every N steps.")
+    seed: int = Field(42)
+
+    @model_validator(mode="after")
+    def _one_length_and_one_warmup(self) -> TrainingSection:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set max_steps or epochs, not both")
+        if self.warmup_steps is not None and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+
+class OutputSection(StrictModel):
+    """Where the run goes."""
+
+    dir: str = Field(description="Output directory; it must be new or empty unless --resume or --overwrite.")
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return os.path.expanduser(value)
+
+
+class Recipe(StrictModel):
+    """A complete fine-tuning recipe."""
+
+    model: ModelSection
+    method: MethodParams = Field(description="The adapter method and its options; `name` picks the method.")
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _evaluation_needs_validation_data(self) -> Recipe:
+        if self.data.validation is None:
+            if self.training.eval_every is not None:
+                raise ValueError("training.eval_every needs data.validation (a fraction or a data source)")
+            if self.training.eval_generation is not None:
+                raise ValueError("training.eval_generation needs data.validation (a fraction or a data source)")
+        if self.training.eval_generation is not None:
+            source = self.data.validation if isinstance(self.data.validation, DataSource) else self.data.train
+            if source.format == "text":
+                raise ValueError("training.eval_generation needs prompts; format text has none")
+        return self

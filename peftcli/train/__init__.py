@@ -1,0 +1,1 @@
+"""Training: one loop on accelerate.Accelerator for every method."""

@@ -1,0 +1,169 @@
+"""Apply a method to a model, and save/load its adapter in the Hugging Face PEFT on-disk format.
+
+The adapter's tensors are exactly the parameters the method added or unfroze. On disk their keys are the
+model's parameter names with `base_model.model.` in front, as HF PEFT writes them (adapter name stripped).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import peftcli
+from peftcli.errors import AdapterError
+from peftcli.tuners.inject import freeze, unfreeze_modules_to_save
+from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_hf_peft_type
+
+HF_KEY_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+HF_TASK_TYPES = {"causal_lm": "CAUSAL_LM"}
+
+
+@dataclass
+class AdapterInfo:
+    """What a method did to a model: which modules it wrapped and which parameters make up the adapter."""
+
+    method: str
+    params: BaseModel
+    targeted: list[str]
+    param_names: list[str]
+
+    def trainable_count(self, model: nn.Module) -> int:
+        named = dict(model.named_parameters())
+        return sum(named[n].numel() for n in self.param_names)
+
+
+def apply_adapter(model: nn.Module, params: BaseModel) -> AdapterInfo:
+    """Freeze the base, add the method's layers, unfreeze `modules_to_save`; the model keeps an AdapterInfo."""
+    if getattr(model, "peftcli_adapter", None) is not None:
+        raise AdapterError("this model already carries an adapter; peftcli keeps one adapter per model")
+    implementation = load_implementation(params.name)
+    freeze(model)
+    before = {name for name, _ in model.named_parameters()}
+    targeted = implementation.apply_method(model, params)
+    added = [name for name, _ in model.named_parameters() if name not in before]
+    extra = unfreeze_modules_to_save(model, list(getattr(params, "modules_to_save", []) or []), targeted)
+    named = dict(model.named_parameters())
+    for name in added:
+        named[name].requires_grad_(True)
+    info = AdapterInfo(params.name, params, targeted, added + extra)
+    model.peftcli_adapter = info
+    return info
+
+
+def adapter_info(model: nn.Module) -> AdapterInfo:
+    """The AdapterInfo a model was given by `apply_adapter`."""
+    info = getattr(model, "peftcli_adapter", None)
+    if info is None:
+        raise AdapterError("the model has no adapter")
+    return info
+
+
+def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under HF PEFT key names (from `state_dict` if given, e.g. a gathered one)."""
+    info = adapter_info(model)
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    out = {}
+    for name in info.param_names:
+        tensor = source[name]
+        if tensor.numel() == 0 or (tensor.dim() == 1 and dict(model.named_parameters())[name].dim() > 1):
+            raise AdapterError(f"refusing to save {name}: it is a slice ({tuple(tensor.shape)}), not the full tensor")
+        out[HF_KEY_PREFIX + name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None, task: str = "causal_lm") -> dict:
+    """adapter_config.json contents: the method's HF fields plus the common ones HF PEFT writes."""
+    info = adapter_info(model)
+    spec = get_tuner(info.method)
+    if spec.to_hf_config is None:
+        raise AdapterError(f"method {info.method} has no adapter file format")
+    config = spec.to_hf_config(info.params, info.targeted)
+    config.update(
+        {
+            "base_model_name_or_path": base_model_name_or_path,
+            "revision": None,
+            "task_type": HF_TASK_TYPES[task],
+            "inference_mode": True,
+            "auto_mapping": None,
+        }
+    )
+    return dict(sorted(config.items()))
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None, state_dict: dict | None = None
+) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model, state_dict)
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt", "peftcli_version": peftcli.__version__})
+    config = hf_adapter_config(model, base_model_name_or_path)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[str, BaseModel, dict]:
+    """The method name, its params and the raw config of a saved adapter (ours or HF PEFT's)."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    peft_type = raw.get("peft_type")
+    spec = tuner_for_hf_peft_type(str(peft_type))
+    if spec is None or spec.from_hf_config is None:
+        raise AdapterError(f"{path}: peft_type {peft_type!r} is not a method peftcli can load")
+    try:
+        params = spec.from_hf_config(raw)
+    except (ValueError, KeyError, ValidationError) as exc:
+        raise AdapterError(f"{path}: {exc}") from None
+    return spec.name, params, raw
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterInfo:
+    """Add a saved adapter to a base model; every adapter tensor must find its place, with matching shape."""
+    _, params, _ = read_adapter_config(adapter_dir)
+    weights_path = Path(adapter_dir) / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    info = apply_adapter(model, params)
+    tensors = load_file(str(weights_path))
+    load_adapter_tensors(model, tensors)
+    for name in info.param_names:
+        dict(model.named_parameters())[name].requires_grad_(False)
+    return info
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy HF-keyed adapter tensors into the model; missing, unexpected or mis-shaped keys are errors."""
+    info = adapter_info(model)
+    named = dict(model.named_parameters())
+    expected = {HF_KEY_PREFIX + n: n for n in info.param_names}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise AdapterError(f"adapter does not fit this model: {'; '.join(parts)}")
+    for key, name in expected.items():
+        param, tensor = named[name], tensors[key]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise AdapterError(
+                f"adapter does not fit this model: {key} has shape {tuple(tensor.shape)}, "
+                f"the model needs {tuple(param.shape)} (wrong base model?)"
+            )
+        with torch.no_grad():
+            param.copy_(tensor.to(param.dtype))

@@ -1,0 +1,100 @@
+"""Walking, wrapping and freezing modules: free functions shared by every method that wraps layers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftcli.errors import PeftCliError
+from peftcli.tuners.targets import ALL_LINEAR, select_targets, short_names, unmatched_entries
+
+LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "Linear": (nn.Linear,),
+    "Embedding": (nn.Embedding,),
+    "Conv1d": (nn.Conv1d,),
+    "Conv2d": (nn.Conv2d,),
+}
+
+
+def output_head_names(model: nn.Module) -> list[str]:
+    """Names of the output head (the LM head), which `all-linear` leaves out."""
+    heads = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            heads.append(name)
+    return heads
+
+
+def find_targets(
+    model: nn.Module,
+    target: list[str] | str,
+    exclude: list[str] | str | None,
+    layer_types: tuple[str, ...],
+    method: str,
+) -> list[str]:
+    """Module names to adapt; an error that lists candidates when nothing (or part of a list) matches."""
+    classes = tuple(cls for t in layer_types for cls in LAYER_TYPES[t])
+    supported = [name for name, module in model.named_modules() if isinstance(module, classes)]
+    candidates = ", ".join(short_names(supported)) or "none"
+    chosen = select_targets(supported, target, exclude, output_head_names(model))
+    if target != ALL_LINEAR:
+        missing = unmatched_entries(supported, target)
+        all_names = [name for name, _ in model.named_modules() if name]
+        wrong_type = [e for e in missing if not unmatched_entries(all_names, [e])]
+        if wrong_type:
+            raise PeftCliError(
+                f"method.target_modules: {', '.join(wrong_type)} is not a layer {method} can wrap "
+                f"({', '.join(layer_types)}); candidates: {candidates}"
+            )
+        if missing:
+            raise PeftCliError(f"method.target_modules: {', '.join(missing)} matched nothing; candidates: {candidates}")
+    if not chosen:
+        shown = target if isinstance(target, str) else ", ".join(target)
+        raise PeftCliError(
+            f"method.target_modules: {shown} matched no {'/'.join(layer_types)} module of this model "
+            f"(after exclude_modules); candidates: {candidates}"
+        )
+    return chosen
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The parent module of a dotted name and the child's attribute name."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where module `name` was."""
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    """Turn off gradients for every parameter (the base is frozen before adapters are added)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def unfreeze_modules_to_save(model: nn.Module, names: list[str], adapted: list[str]) -> list[str]:
+    """Train the named modules in full (suffix match); returns the parameter names that joined the adapter."""
+    if not names:
+        return []
+    matched = [
+        name for name, _ in model.named_modules() if name and any(name == n or name.endswith("." + n) for n in names)
+    ]
+    missing = [n for n in names if not any(m == n or m.endswith("." + n) for m in matched)]
+    if missing:
+        raise PeftCliError(f"method.modules_to_save: {', '.join(missing)} matched no module of this model")
+    clash = [m for m in matched if m in adapted]
+    if clash:
+        raise PeftCliError(
+            f"method.modules_to_save: {', '.join(clash)} is also adapted by target_modules; "
+            "exclude it there (exclude_modules) or leave it out of modules_to_save"
+        )
+    param_names = []
+    for name in matched:
+        for pname, param in model.get_submodule(name).named_parameters():
+            param.requires_grad_(True)
+            param_names.append(f"{name}.{pname}")
+    return param_names

@@ -1,0 +1,123 @@
+"""LoRA: a low-rank update B·A added to each targeted linear layer, scaled by alpha/r (or alpha/sqrt(r))."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from peftcli.recipe.base import StrictModel
+from peftcli.tuners.registry import Capabilities, TunerSpec, register_tuner
+
+TargetSpec = list[str] | str
+
+
+class LoraParams(StrictModel):
+    """Recipe options of the `lora` method."""
+
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0, description="Rank of the update matrices A (r x in) and B (out x r).")
+    alpha: float = Field(16, gt=0, description="Scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the input of the LoRA branch.")
+    target_modules: TargetSpec = Field(
+        "all-linear",
+        description="Modules to adapt: a list matched on whole dotted-name suffixes (q_proj matches "
+        "model.layers.0.self_attn.q_proj), a regex matched against the full name, or 'all-linear' "
+        "(every linear layer except the output head).",
+    )
+    exclude_modules: TargetSpec | None = Field(
+        None, description="Modules never to adapt, in the same forms as target_modules."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (suffix match), e.g. [lm_head].",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r.")
+    init: Literal["default", "gaussian"] = Field(
+        "default",
+        description="default: A kaiming-uniform, B zero (identity at start); gaussian: A ~ N(0, 1/r), B zero.",
+    )
+
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module (or use 'all-linear')")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def _to_hf_config(params: LoraParams, targeted: list[str]) -> dict:
+    return {
+        "peft_type": "LORA",
+        "r": params.r,
+        "lora_alpha": int(params.alpha) if float(params.alpha).is_integer() else params.alpha,
+        "lora_dropout": params.dropout,
+        # Saved as the resolved full names, so any reader targets exactly the trained modules.
+        "target_modules": sorted(targeted),
+        "exclude_modules": None,
+        "modules_to_save": list(params.modules_to_save) or None,
+        "use_rslora": params.rslora,
+        "init_lora_weights": True if params.init == "default" else "gaussian",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "lora_bias": False,
+    }
+
+
+_UNSUPPORTED_HF_LORA = {
+    "use_dora": False,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
+
+
+def _from_hf_config(cfg: dict) -> LoraParams:
+    for key, neutral in _UNSUPPORTED_HF_LORA.items():
+        value = cfg.get(key, neutral)
+        if value not in (neutral, None, {}, False):
+            raise ValueError(f"LoRA option {key}={value!r} is not supported by this version of peftcli")
+    init = cfg.get("init_lora_weights", True)
+    return LoraParams(
+        r=cfg["r"],
+        alpha=cfg.get("lora_alpha", 8),
+        dropout=cfg.get("lora_dropout", 0.0),
+        target_modules=cfg["target_modules"],
+        exclude_modules=cfg.get("exclude_modules") or None,
+        modules_to_save=cfg.get("modules_to_save") or [],
+        rslora=bool(cfg.get("use_rslora", False)),
+        init="gaussian" if init == "gaussian" else "default",
+    )
+
+
+SPEC = register_tuner(
+    TunerSpec(
+        name="lora",
+        summary="Low-rank update B·A on linear layers",
+        params=LoraParams,
+        capabilities=Capabilities(
+            kind="wraps_layers",
+            layer_types=("Linear",),
+            mergeable=True,
+            quantized_base=False,
+            zero3_safe=True,
+        ),
+        implementation="peftcli.tuners.lora.layers",
+        hf_peft_type="LORA",
+        to_hf_config=_to_hf_config,
+        from_hf_config=_from_hf_config,
+    )
+)
