@@ -35,22 +35,40 @@ def _tag_of(model: type[BaseModel]) -> set[str]:
     return tags
 
 
+def _is_union(annotation: Any) -> bool:
+    """True when a field accepts one of several types (Optional alone does not count)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_union(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(members) > 1 or (len(members) == 1 and _is_union(members[0]))
+    return False
+
+
 def walk(root: type[BaseModel], loc: tuple) -> tuple[str, list[type[BaseModel]]]:
     """The dotted path a user wrote for an error location, and the models that could hold its last key."""
     parts: list[str] = []
     candidates: list[type[BaseModel]] = [root]
+    after_union = False  # pydantic puts the union member's label (a tag, or e.g. 'list[str]') after the field
     for index, item in enumerate(loc):
         is_last = index == len(loc) - 1
         if isinstance(item, int):
+            after_union = False
             parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
             continue
         holder = next((m for m in candidates if item in m.model_fields), None)
         if holder is not None:
             parts.append(item)
+            after_union = _is_union(holder.model_fields[item].annotation)
             if not is_last:
                 candidates = _models_in(holder.model_fields[item].annotation)
             continue
         tagged = [m for m in candidates if item in _tag_of(m)]
+        if after_union:
+            after_union = False
+            candidates = tagged or candidates  # a union member's label: the user never wrote it
+            continue
         if tagged and not is_last:
             candidates = tagged  # a union tag in the location: the user never wrote it
             continue
@@ -123,8 +141,21 @@ def describe_error(root: type[BaseModel], error: dict) -> str:
 def format_validation_error(source: str, root: type[BaseModel], exc: ValidationError) -> list[str]:
     """One line per problem, each prefixed with the recipe file name."""
     lines: list[str] = []
+    # The members of a union (e.g. list[str] | str) each reject the same value: one line naming every type.
+    type_errors: dict[tuple[str, str], tuple[int, list[str]]] = {}
     for error in exc.errors(include_url=False):
         line = f"{source}: {describe_error(root, error)}"
+        if error["type"] in _PLAIN_TYPES:
+            path, _ = walk(root, tuple(error["loc"]))
+            key = (path, _describe_input(error.get("input")))
+            expected = _PLAIN_TYPES[error["type"]]
+            if key in type_errors:
+                index, kinds = type_errors[key]
+                if expected not in kinds:
+                    kinds.append(expected)
+                lines[index] = f"{source}: {path}: expected {' or '.join(kinds)}, got {key[1]}"
+                continue
+            type_errors[key] = (len(lines), [expected])
         if line not in lines:
             lines.append(line)
     return lines

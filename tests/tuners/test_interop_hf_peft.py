@@ -1,0 +1,210 @@
+"""HF PEFT is the oracle: adapters we save load in HF PEFT, and adapters HF PEFT saves load here, to fp32 precision."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from peftcli.errors import AdapterError
+from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, save_adapter
+from peftcli.tuners.lora.layers import LoraLinear
+from peftcli.tuners.lora.spec import LoraParams
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+TOL = 1e-5
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def randomize(model: nn.Module, names_with: tuple[str, ...], seed: int = 0, scale: float = 0.1) -> int:
+    """Add seeded noise to every parameter whose name contains one of `names_with`; returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in names_with):
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+                count += 1
+    return count
+
+
+def hf_adapted_modules(hf_model) -> list[str]:
+    """Names (relative to the base model) of the modules HF PEFT wrapped with LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    base = hf_model.get_base_model()
+    return sorted(name for name, module in base.named_modules() if isinstance(module, LoraLayer))
+
+
+# --- ours -> HF PEFT ----------------------------------------------------------------------------------------------
+
+OURS_CASES = {
+    "list": dict(target_modules=["q_proj", "v_proj"]),
+    "regex": dict(target_modules=r".*\.(q_proj|o_proj|down_proj)"),
+    "all-linear": dict(target_modules="all-linear"),
+    "exclude": dict(target_modules="all-linear", exclude_modules=["down_proj", "layers.0.self_attn.k_proj"]),
+    "rslora": dict(target_modules=["q_proj", "k_proj", "up_proj"], rslora=True, r=4, alpha=16),
+    "float-alpha": dict(target_modules=["v_proj"], r=8, alpha=3.5),
+    "dropout": dict(target_modules="all-linear", dropout=0.3),
+    "gaussian": dict(target_modules=["gate_proj"], init="gaussian"),
+    "modules_to_save": dict(target_modules="all-linear", modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("params", list(OURS_CASES.values()), ids=list(OURS_CASES))
+def test_ours_loads_in_hf_peft(load_base, input_ids, tiny_model_dir, tmp_path, params):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    params = {"r": 4, "alpha": 8, **params}
+    model = load_base()
+    info = apply_adapter(model, LoraParams(**params))
+    assert randomize(model, ("lora_B",)) == len(info.targeted)
+    if params.get("modules_to_save"):
+        assert randomize(model, ("lm_head",), seed=1) == 1
+    model.eval()
+    ours = logits(model, input_ids)
+    assert max_diff(ours, logits(load_base(), input_ids)) > 1e-3  # the adapter is not the identity
+
+    out = tmp_path / "adapter"
+    save_adapter(model, out, base_model_name_or_path=str(tiny_model_dir))
+    saved = load_file(str(out / WEIGHTS_NAME))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf = PeftModel.from_pretrained(load_base(), str(out)).eval()
+    assert not [str(w.message) for w in caught if "missing" in str(w.message).lower()]
+
+    assert hf_adapted_modules(hf) == sorted(info.targeted)
+    hf_state = get_peft_model_state_dict(hf)
+    assert set(hf_state) == set(saved)
+    for key, value in saved.items():
+        assert torch.equal(hf_state[key], value), key
+    if params.get("modules_to_save"):
+        assert "base_model.model.lm_head.weight" in saved
+
+    diff = max_diff(logits(hf, input_ids), ours)
+    assert diff < TOL, f"HF PEFT logits differ from ours by {diff}"
+
+
+def test_saved_config_is_read_by_hf_peft(load_base, tiny_model_dir, tmp_path):
+    from peft import LoraConfig, PeftConfig
+
+    model = load_base()
+    apply_adapter(model, LoraParams(r=4, alpha=16, rslora=True, dropout=0.1, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_model_dir))
+    config = PeftConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert isinstance(config, LoraConfig)
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (4, 16, 0.1, True)
+    assert config.task_type == "CAUSAL_LM"
+    assert config.base_model_name_or_path == str(tiny_model_dir)
+    assert sorted(config.target_modules) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+# --- HF PEFT -> ours ----------------------------------------------------------------------------------------------
+
+HF_CASES = {
+    "list": dict(target_modules=["q_proj", "v_proj"]),
+    "regex": dict(target_modules=r".*\.(q_proj|o_proj|down_proj)"),
+    "all-linear": dict(target_modules="all-linear"),
+    "exclude": dict(target_modules="all-linear", exclude_modules=["down_proj"]),
+    "exclude-regex": dict(target_modules=["q_proj", "v_proj"], exclude_modules=r"model\.layers\.1\..*"),
+    "rslora": dict(target_modules=["q_proj", "k_proj", "up_proj"], use_rslora=True, r=4, lora_alpha=16),
+    "dropout": dict(target_modules=["q_proj", "v_proj"], lora_dropout=0.2),
+    "modules_to_save": dict(target_modules=["q_proj", "k_proj"], modules_to_save=["lm_head"]),
+    "gaussian-init": dict(target_modules=["v_proj"], init_lora_weights="gaussian"),
+}
+
+
+def _hf_adapter(load_base, out, **overrides):
+    from peft import LoraConfig, get_peft_model
+
+    kwargs = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, **overrides}
+    torch.manual_seed(0)
+    hf = get_peft_model(load_base(), LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    randomize(hf, ("lora_B",))  # non-zero B whatever the init
+    if kwargs.get("modules_to_save"):
+        assert randomize(hf, ("lm_head.modules_to_save",), seed=1) == 1
+    hf.eval()
+    hf.save_pretrained(str(out))
+    return hf
+
+
+@pytest.mark.parametrize("config", list(HF_CASES.values()), ids=list(HF_CASES))
+def test_hf_peft_loads_in_ours(load_base, input_ids, tmp_path, config):
+    out = tmp_path / "hf_adapter"
+    hf = _hf_adapter(load_base, out, **config)
+    expected = logits(hf, input_ids)
+    assert max_diff(expected, logits(load_base(), input_ids)) > 1e-3
+
+    model = load_base()
+    info = load_adapter(model, out)
+    model.eval()
+    assert sorted(info.targeted) == hf_adapted_modules(hf)
+    saved = load_file(str(out / WEIGHTS_NAME))
+    named = dict(model.named_parameters())
+    assert set(saved) == {"base_model.model." + n for n in info.param_names}
+    for key, value in saved.items():
+        assert torch.equal(named[key.removeprefix("base_model.model.")], value), key
+
+    diff = max_diff(logits(model, input_ids), expected)
+    assert diff < TOL, f"our logits differ from HF PEFT's by {diff}"
+
+
+def test_hf_rslora_scaling_is_read(load_base, tmp_path):
+    _hf_adapter(load_base, tmp_path / "a", target_modules=["q_proj"], use_rslora=True, r=16, lora_alpha=8)
+    model = load_base()
+    load_adapter(model, tmp_path / "a")
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 2
+    assert all(m.scaling == pytest.approx(8 / 4) for m in layers)  # alpha / sqrt(16), not alpha / 16
+
+
+# --- HF PEFT options we cannot reproduce must be refused, not silently mis-loaded --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "word"),
+    [
+        (dict(use_dora=True), "use_dora"),
+        (dict(init_lora_weights="pissa"), "pissa"),
+        (dict(init_lora_weights="olora"), "olora"),
+        (dict(alora_invocation_tokens=[7]), "alora_invocation_tokens"),
+        (dict(lora_bias=True), "lora_bias"),
+        (dict(bias="lora_only"), "bias"),
+        (dict(rank_pattern={"q_proj": 2}), "rank_pattern"),
+        (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
+        (dict(layers_to_transform=0), "layers_to_transform"),
+    ],
+    ids=["dora", "pissa", "olora", "alora", "lora_bias", "bias", "rank_pattern", "alpha_pattern", "layers_to_xform"],
+)
+def test_unsupported_hf_options_are_refused(load_base, tmp_path, option, word):
+    out = tmp_path / "hf_adapter"
+    init = option.get("init_lora_weights", False)
+    _hf_adapter(load_base, out, target_modules=["q_proj", "v_proj"], **{**option, "init_lora_weights": init})
+    assert json.loads((out / CONFIG_NAME).read_text())  # HF PEFT wrote it
+    with pytest.raises(AdapterError, match=word):
+        load_adapter(load_base(), out)
+
+
+def test_dora_is_refused_before_touching_the_model(load_base, tmp_path):
+    out = tmp_path / "dora"
+    _hf_adapter(load_base, out, target_modules=["q_proj"], use_dora=True)
+    model = load_base()
+    with pytest.raises(AdapterError, match="use_dora"):
+        load_adapter(model, out)
+    assert getattr(model, "peftcli_adapter", None) is None
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
