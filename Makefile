@@ -8,8 +8,8 @@ quickstart: setup
 	.venv/bin/peft train recipes/quickstart.yaml --overwrite
 
 lint: setup
-	.venv/bin/ruff check peftcli tests bench scripts
-	.venv/bin/ruff format --check peftcli tests bench scripts
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 test: lint
 	.venv/bin/python -m pytest -q -ra
