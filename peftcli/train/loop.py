@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 import peftcli
@@ -25,7 +26,7 @@ from peftcli.data.formats import IGNORE_INDEX
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import PeftCliError
 from peftcli.models.load import load_base_model, load_tokenizer
-from peftcli.recipe.load import recipe_to_yaml
+from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import install_adapter_only_hooks, read_trainer_state, write_trainer_state
 from peftcli.train.evaluate import evaluate_loss, generation_score, prompt_ids, token_loss_sums
@@ -101,6 +102,24 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _flatten(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _changed_keys(saved_recipe: Path, recipe: Recipe) -> list[str]:
+    """Dotted keys whose value differs between a run's saved recipe and the one resuming it."""
+    if not saved_recipe.is_file():
+        return []
+    old = _flatten(yaml.safe_load(saved_recipe.read_text(encoding="utf-8")))
+    new = _flatten(recipe_to_dict(recipe))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def _micro_batch_stream(accelerator, dataloader, start: int):
     """Micro-batches forever, epoch after epoch, starting after the first `start` of them (resume)."""
     per_epoch = len(dataloader)
@@ -135,10 +154,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     main = accelerator.is_main_process
     set_seed(training.seed)
 
+    reporter.message(f"loading tokenizer and data for {recipe.model.name_or_path}")
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # tokenize once; the other processes read the datasets cache
         data = prepare_data(recipe, tokenizer)
 
+    reporter.message("loading the base model")
     model = load_base_model(recipe.model)
     info = apply_adapter(model, recipe.method)
     if training.activation_checkpointing:
@@ -181,6 +202,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= state.step]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         reporter.message(f"resuming from {ckpt} (step {state.step} of {total_steps})")
+        changed = _changed_keys(out_dir / RECIPE_FILE, recipe)
+        if changed:
+            reporter.message(f"note: the recipe differs from the run's {RECIPE_FILE} in {', '.join(changed)}")
     elif main:
         if mode == "overwrite":
             clear_run_dir(out_dir)
