@@ -128,7 +128,14 @@ def main() -> None:
         child(args.child, args)
         return
 
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--rounds")]
+    passthrough = [
+        f"--model={args.model}",
+        f"--steps={args.steps}",
+        f"--batch-size={args.batch_size}",
+        f"--max-length={args.max_length}",
+        f"--samples={args.samples}",
+        f"--dtype={args.dtype}",
+    ]
     results: dict[str, list[dict]] = {"ours": [], "hf": []}
     for _ in range(args.rounds):
         for side in ("ours", "hf"):

@@ -13,10 +13,10 @@ from peftcli.data.formats import IGNORE_INDEX
 
 def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sum of next-token cross-entropy and the number of label tokens it covers."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    # Shift the labels, not the logits: slicing the logits would copy a (batch, length, vocabulary) tensor.
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
+        logits.reshape(-1, logits.size(-1)).float(),
         shift_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
