@@ -45,6 +45,7 @@ def apply_adapter(model: nn.Module, params: BaseModel) -> AdapterInfo:
     if getattr(model, "peftcli_adapter", None) is not None:
         raise AdapterError("this model already carries an adapter; peftcli keeps one adapter per model")
     implementation = load_implementation(params.name)
+    was_training = model.training
     freeze(model)
     # By identity, not name: a wrapped layer's base weight moves (q_proj.weight -> q_proj.base_layer.weight)
     # but is still the frozen base, not part of the adapter.
@@ -55,6 +56,7 @@ def apply_adapter(model: nn.Module, params: BaseModel) -> AdapterInfo:
     named = dict(model.named_parameters())
     for name in added:
         named[name].requires_grad_(True)
+    model.train(was_training)  # new layers (dropout!) follow the model's mode: eval stays eval
     info = AdapterInfo(params.name, params, targeted, added + extra)
     model.peftcli_adapter = info
     return info

@@ -31,6 +31,37 @@ def test_quickstart_lowers_validation_loss(tmp_path):
     before, after = summary["eval_before"]["eval_loss"], summary["eval_after"]["eval_loss"]
     assert math.isfinite(before) and after < before, (before, after)
     assert "validation loss" in result.stderr
+    _assert_hf_peft_loads_it_the_same(out)
+
+
+def _assert_hf_peft_loads_it_the_same(adapter_dir: Path) -> None:
+    """The trained adapter on the real base: HF PEFT and peftcli give the same logits, and not the base's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftcli.tuners.adapter import load_adapter
+
+    base_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "A farmer has 12 cows and buys 7 more. How many cows?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    ours = base()
+    load_adapter(ours, adapter_dir)
+    theirs = PeftModel.from_pretrained(base(), str(adapter_dir)).eval()
+    with torch.no_grad():
+        ours_logits, theirs_logits = ours(**inputs).logits, theirs(**inputs).logits
+        base_logits = base()(**inputs).logits
+    assert (ours_logits - theirs_logits).abs().max().item() < 1e-4
+    assert (ours_logits - base_logits).abs().max().item() > 1e-3
 
 
 def test_train_on_a_gguf_base(tmp_path):

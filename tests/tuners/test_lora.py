@@ -275,3 +275,25 @@ def test_dropout_only_in_training(load_base, input_ids):
     second = logits(model, input_ids)
     assert not torch.allclose(first, second)
     assert adapter_info(model).params.dropout == 0.5
+
+
+def test_adapter_layers_follow_the_models_mode(load_base, input_ids, tmp_path):
+    # A base in eval mode must give an adapter in eval mode: dropout off, so two passes agree exactly.
+    trained = load_base()
+    apply_adapter(trained, LoraParams(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    for module in trained.modules():
+        if isinstance(module, LoraLinear):
+            nn.init.normal_(module.lora_B.weight)
+    save_adapter(trained, tmp_path, base_model_name_or_path=None)
+
+    model = load_base()
+    assert not model.training
+    load_adapter(model, tmp_path)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        first, second = model(input_ids).logits, model(input_ids).logits
+    assert torch.equal(first, second)
+
+    training_model = load_base().train()
+    apply_adapter(training_model, LoraParams(r=4, alpha=8, dropout=0.5))
+    assert all(m.training for m in training_model.modules())
