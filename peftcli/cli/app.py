@@ -8,6 +8,7 @@ import typer
 
 from peftcli import __version__
 from peftcli.cli import recipe as recipe_commands
+from peftcli.cli import targets as targets_commands
 from peftcli.cli import train as train_commands
 from peftcli.errors import PeftCliError
 
@@ -24,6 +25,7 @@ recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is
 app.add_typer(recipe_app, name="recipe")
 
 app.command("train")(train_commands.train)
+app.command("targets")(targets_commands.targets)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)
 recipe_app.command("schema")(recipe_commands.schema)

@@ -133,3 +133,19 @@ def load_base_model(section: ModelSection, device_map: str | None = None) -> nn.
         model.hf_quantizer = None
     model.config.use_cache = False
     return model
+
+
+def build_empty_model(section: ModelSection) -> nn.Module:
+    """The model's architecture on the meta device (no weights read): enough to match target modules."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, extra = _source_kwargs(section.name_or_path)
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(
+            source, revision=section.revision, trust_remote_code=section.trust_remote_code, **extra
+        )
+    except Exception as exc:
+        raise _explain_load_failure("the model config", section.name_or_path, exc) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)

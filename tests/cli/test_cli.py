@@ -306,3 +306,17 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(good_recipe: Path, tmp_
     # without --overwrite too
     assert_user_error(run_cli("train", str(good_recipe)))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_targets_shows_matches_without_loading_weights(good_recipe: Path, tmp_path: Path) -> None:
+    result = run_cli("targets", str(good_recipe), "--set", "method.target_modules=[q_proj,v_proj]")
+    assert result.returncode == 0, result.stderr
+    rows = dict(re.findall(r"^\s*(q_proj|v_proj)\s+(\d+)\s*$", result.stdout, re.MULTILINE))
+    assert rows == {"q_proj": "2", "v_proj": "2"}  # the tiny Llama has 2 layers
+    # r=4: q_proj 64->64 and v_proj 64->32 in each of 2 layers: 2 * (4*(64+64) + 4*(64+32)) = 1792
+    assert "4 modules, 1,792 trainable parameters" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+    miss = run_cli("targets", str(good_recipe), "--set", "method.target_modules=[q_prj]")
+    lines = assert_user_error(miss)
+    assert "q_prj matched nothing" in lines[0] and "q_proj" in lines[0]

@@ -1,0 +1,44 @@
+"""`peft targets RECIPE`: which modules the recipe's method would adapt, without loading any weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from peftcli.cli.recipe import SET_HELP
+
+
+def targets(
+    recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    full: bool = typer.Option(False, "--full", help="List every module name, not just counts per kind."),
+) -> None:
+    """Show the modules the recipe's method matches and the trainable parameters it would add."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from peftcli.models.load import build_empty_model
+    from peftcli.recipe.load import load_recipe
+    from peftcli.tuners.adapter import apply_adapter
+
+    recipe = load_recipe(recipe_file, overrides)
+    model = build_empty_model(recipe.model)
+    info = apply_adapter(model, recipe.method)
+    console = Console()
+    table = Table("module", "matched", box=None)
+    if full:
+        for name in info.targeted:
+            table.add_row(name, "")
+    else:
+        for short, count in sorted(Counter(n.rsplit(".", 1)[-1] for n in info.targeted).items()):
+            table.add_row(short, str(count))
+    console.print(table)
+    trainable = info.trainable_count(model)
+    total = sum(p.numel() for p in model.parameters())
+    console.print(
+        f"{recipe.method.name}: {len(info.targeted)} modules, {trainable:,} trainable parameters "
+        f"({trainable / max(1, total):.3%} of {total:,})",
+        highlight=False,
+    )
