@@ -163,7 +163,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     model = load_base_model(recipe.model)
     info = apply_adapter(model, recipe.method)
     if training.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpoints
     trainable = info.trainable_count(model)
     total_params = sum(p.numel() for p in model.parameters())
@@ -195,7 +195,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     state = LoopState()
     metrics_path = out_dir / METRICS_FILE
     if mode == "resume":
-        step, ckpt = list_checkpoints(out_dir)[-1]
+        _, ckpt = list_checkpoints(out_dir)[-1]
         accelerator.load_state(str(ckpt))
         state = LoopState(**read_trainer_state(ckpt))
         if main:  # forget what the interrupted run logged after its last checkpoint
@@ -338,8 +338,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
                 prune_checkpoints(out_dir, training.keep_checkpoints)
             accelerator.wait_for_everyone()
 
-    final_eval = run_eval(state.step)
-    final_gen = run_generation(state.step)
+    run_eval(state.step)
+    run_generation(state.step)
     summary = None
     if main:
         save_adapter(unwrapped, out_dir, recipe.model.name_or_path)
@@ -349,7 +349,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         summary["output_dir"] = str(out_dir)
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         reporter.finish(summary)
-    del final_eval, final_gen
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary or {}
