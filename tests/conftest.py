@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+import torch
 
 from peftcli.examples.tiny import copy_task, write_jsonl, write_tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,41 +27,28 @@ def copy_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "copy.jsonl", copy_task(400))
 
 
-def make_recipe(tmp_path: Path, model_dir: Path, data_path: Path, **sections) -> dict:
-    """A small valid recipe as a dict; keyword sections are merged over the defaults."""
-    recipe = {
-        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
-        "data": {
-            "train": {"path": str(data_path), "format": "prompt_completion"},
-            "validation": {"fraction": 0.1},
-            "max_length": 64,
-        },
-        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3},
-        "output": {"dir": str(tmp_path / "run")},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
-    return recipe
+@pytest.fixture
+def one_torch_thread():
+    """The tiny model is far faster on one thread: on a busy 2-core runner, thread contention costs 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
-def write_recipe(path: Path, recipe: dict) -> Path:
-    """Write a recipe dict as YAML."""
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    return path
+@pytest.fixture
+def load_base(tiny_model_dir):
+    """A function that returns a fresh fp32 copy of the tiny Llama, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+    return load
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m peftcli ARGS` as a user would, capturing output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "peftcli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@pytest.fixture
+def input_ids(load_base):
+    """Two sequences of 12 random token ids (seeded), within the tiny model's vocabulary."""
+    vocab = load_base().config.vocab_size
+    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1234))

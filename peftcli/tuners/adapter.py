@@ -17,13 +17,15 @@ from torch import nn
 
 import peftcli
 from peftcli.errors import AdapterError
-from peftcli.tuners.inject import freeze, unfreeze_modules_to_save
-from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_hf_peft_type
+from peftcli.tuners.inject import freeze, task_head_names, unfreeze_modules_to_save
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
 HF_KEY_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-HF_TASK_TYPES = {"causal_lm": "CAUSAL_LM"}
+HF_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+TASKS_BY_HF_TYPE = {v: k for k, v in HF_TASK_TYPES.items()}
 
 
 @dataclass
@@ -34,30 +36,44 @@ class AdapterInfo:
     params: BaseModel
     targeted: list[str]
     param_names: list[str]
+    task: str = "causal_lm"
+    head_modules: tuple[str, ...] = ()  # task heads and modules_to_save, trained in full
+    config_extra: dict | None = None
 
     def trainable_count(self, model: nn.Module) -> int:
         named = dict(model.named_parameters())
         return sum(named[n].numel() for n in self.param_names)
 
 
-def apply_adapter(model: nn.Module, params: BaseModel) -> AdapterInfo:
-    """Freeze the base, add the method's layers, unfreeze `modules_to_save`; the model keeps an AdapterInfo."""
+def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext | None = None) -> AdapterInfo:
+    """Freeze the base, add the method, unfreeze `modules_to_save` and any task head; the model keeps an AdapterInfo.
+
+    The adapter is every parameter the method added plus every base parameter it left trainable (BitFit,
+    full fine-tuning), in the model's parameter order.
+    """
     if getattr(model, "peftcli_adapter", None) is not None:
         raise AdapterError("this model already carries an adapter; peftcli keeps one adapter per model")
+    context = context or AdapterContext()
     implementation = load_implementation(params.name)
     was_training = model.training
     freeze(model)
     # By identity, not name: a wrapped layer's base weight moves (q_proj.weight -> q_proj.base_layer.weight)
     # but is still the frozen base, not part of the adapter.
     before = {id(param) for param in model.parameters()}
-    targeted = implementation.apply_method(model, params)
-    added = [name for name, param in model.named_parameters() if id(param) not in before]
-    extra = unfreeze_modules_to_save(model, list(getattr(params, "modules_to_save", []) or []), targeted)
-    named = dict(model.named_parameters())
-    for name in added:
-        named[name].requires_grad_(True)
+    applied = implementation.apply_method(model, params, context)
+    if not isinstance(applied, AppliedMethod):
+        raise TypeError(f"{params.name}.apply_method must return AppliedMethod, not {type(applied).__name__}")
+    for param in model.parameters():
+        if id(param) not in before:
+            param.requires_grad_(True)
+    heads = [h for h in task_head_names(model) if h not in (getattr(params, "modules_to_save", None) or [])]
+    to_save = list(getattr(params, "modules_to_save", None) or []) + heads
+    unfreeze_modules_to_save(model, to_save, applied.targeted)
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
     model.train(was_training)  # new layers (dropout!) follow the model's mode: eval stays eval
-    info = AdapterInfo(params.name, params, targeted, added + extra)
+    info = AdapterInfo(
+        params.name, params, applied.targeted, names, context.task, tuple(to_save), dict(applied.config_extra)
+    )
     model.peftcli_adapter = info
     return info
 
@@ -71,30 +87,38 @@ def adapter_info(model: nn.Module) -> AdapterInfo:
 
 
 def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under HF PEFT key names (from `state_dict` if given, e.g. a gathered one)."""
+    """The adapter's tensors under their on-disk names (from `state_dict` if given, e.g. a gathered one)."""
     info = adapter_info(model)
     source = state_dict if state_dict is not None else dict(model.named_parameters())
-    out = {}
+    named_params = dict(model.named_parameters())
+    named = {}
     for name in info.param_names:
         tensor = source[name]
-        if tensor.numel() == 0 or (tensor.dim() == 1 and dict(model.named_parameters())[name].dim() > 1):
+        if tensor.numel() == 0 or (tensor.dim() == 1 and named_params[name].dim() > 1):
             raise AdapterError(f"refusing to save {name}: it is a slice ({tuple(tensor.shape)}), not the full tensor")
-        out[HF_KEY_PREFIX + name] = tensor.detach().to("cpu").contiguous()
-    return out
+        named[name] = tensor.detach().to("cpu").contiguous()
+    custom = getattr(load_implementation(info.method), "adapter_tensors", None)
+    if custom is not None:
+        return custom(model, named)
+    return {HF_KEY_PREFIX + name: tensor for name, tensor in named.items()}
 
 
-def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None, task: str = "causal_lm") -> dict:
-    """adapter_config.json contents: the method's HF fields plus the common ones HF PEFT writes."""
+def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json contents: the method's fields plus the common ones HF PEFT writes."""
     info = adapter_info(model)
     spec = get_tuner(info.method)
-    if spec.to_hf_config is None:
-        raise AdapterError(f"method {info.method} has no adapter file format")
     config = spec.to_hf_config(info.params, info.targeted)
+    config.update(info.config_extra or {})
+    updates = getattr(load_implementation(info.method), "config_updates", None)
+    if updates is not None:
+        config.update(updates(model))
+    if info.head_modules:
+        config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(info.head_modules))
     config.update(
         {
             "base_model_name_or_path": base_model_name_or_path,
             "revision": None,
-            "task_type": HF_TASK_TYPES[task],
+            "task_type": HF_TASK_TYPES[info.task],
             "inference_mode": True,
             "auto_mapping": None,
         }
@@ -124,8 +148,8 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[str, BaseModel, dict]:
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     peft_type = raw.get("peft_type")
-    spec = tuner_for_hf_peft_type(str(peft_type))
-    if spec is None or spec.from_hf_config is None:
+    spec = tuner_for_peft_type(str(peft_type))
+    if spec is None:
         raise AdapterError(f"{path}: peft_type {peft_type!r} is not a method peftcli can load")
     try:
         params = spec.from_hf_config(raw)
@@ -134,13 +158,18 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[str, BaseModel, dict]:
     return spec.name, params, raw
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterInfo:
+def adapter_task(raw_config: dict) -> str:
+    """The task an adapter was trained for, from its adapter_config.json (causal_lm when unrecorded)."""
+    return TASKS_BY_HF_TYPE.get(str(raw_config.get("task_type")), "causal_lm")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, tokenizer=None) -> AdapterInfo:
     """Add a saved adapter to a base model; every adapter tensor must find its place, with matching shape."""
-    _, params, _ = read_adapter_config(adapter_dir)
+    _, params, raw = read_adapter_config(adapter_dir)
     weights_path = Path(adapter_dir) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
-    info = apply_adapter(model, params)
+    info = apply_adapter(model, params, AdapterContext(task=adapter_task(raw), tokenizer=tokenizer))
     tensors = load_file(str(weights_path))
     load_adapter_tensors(model, tensors)
     for name in info.param_names:
@@ -149,9 +178,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterInfo:
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy HF-keyed adapter tensors into the model; missing, unexpected or mis-shaped keys are errors."""
+    """Copy on-disk adapter tensors into the model; missing, unexpected or mis-shaped keys are errors."""
     info = adapter_info(model)
     named = dict(model.named_parameters())
+    custom = getattr(load_implementation(info.method), "load_tensors", None)
+    if custom is not None:
+        tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in custom(model, tensors).items()}
     expected = {HF_KEY_PREFIX + n: n for n in info.param_names}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -15,15 +15,34 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
 }
 
 
+TASK_HEAD_NAMES = ("score", "classifier")
+_HEADED_CLASSES = ("ForSequenceClassification", "ForTokenClassification")
+
+
+def task_head_names(model: nn.Module) -> list[str]:
+    """The freshly initialised classification head of a seq/token classification model (`score`, `classifier`).
+
+    It is trained in full and saved with every adapter, as HF PEFT's SEQ_CLS/TOKEN_CLS tasks do, and no
+    method wraps it.
+    """
+    if not type(model).__name__.endswith(_HEADED_CLASSES):
+        return []
+    return [name for name, _ in model.named_children() if name in TASK_HEAD_NAMES]
+
+
 def output_head_names(model: nn.Module) -> list[str]:
-    """Names of the output head (the LM head), which `all-linear` leaves out."""
+    """Names of the output head (the LM head) and any task head, which `all-linear` leaves out."""
     heads = []
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     for name, module in model.named_modules():
         if head is not None and module is head:
             heads.append(name)
-    return heads
+    return heads + task_head_names(model)
+
+
+def _inside(name: str, roots: list[str]) -> bool:
+    return any(name == root or name.startswith(root + ".") for root in roots)
 
 
 def find_targets(
@@ -35,7 +54,10 @@ def find_targets(
 ) -> list[str]:
     """Module names to adapt; an error that lists candidates when nothing (or part of a list) matches."""
     classes = tuple(cls for t in layer_types for cls in LAYER_TYPES[t])
-    supported = [name for name, module in model.named_modules() if isinstance(module, classes)]
+    heads = task_head_names(model)  # trained in full, never wrapped
+    supported = [
+        name for name, module in model.named_modules() if isinstance(module, classes) and not _inside(name, heads)
+    ]
     candidates = ", ".join(short_names(supported)) or "none"
     chosen = select_targets(supported, target, exclude, output_head_names(model))
     if target != ALL_LINEAR:

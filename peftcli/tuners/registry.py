@@ -14,7 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-TaskType = Literal["causal_lm"]
+TaskType = Literal["causal_lm", "seq_cls", "token_cls", "seq2seq"]
+TASK_TYPES: tuple[str, ...] = ("causal_lm", "seq_cls", "token_cls", "seq2seq")
+# wraps_layers: adds its own layers around base modules (LoRA, IA3, adapters); edits_inputs: adds virtual
+# tokens or attention prefixes (prompt, prefix, P-tuning); trains_base: unfreezes base tensors (BitFit, full).
 MethodKind = Literal["wraps_layers", "edits_inputs", "trains_base"]
 
 
@@ -23,26 +26,61 @@ class Capabilities:
     """What a method can do; validation, merge and export read these instead of asking 'is this X?'."""
 
     kind: MethodKind
-    layer_types: tuple[str, ...]
-    task_types: tuple[str, ...] = ("causal_lm",)
+    layer_types: tuple[str, ...]  # LAYER_TYPES keys it can wrap; () for methods that wrap nothing
+    task_types: tuple[str, ...] = TASK_TYPES
     mergeable: bool = False
     quantized_base: bool = False
     zero3_safe: bool = False
+    activation_checkpointing: bool = True  # False where recomputation breaks the method (prefix caches)
 
 
 @dataclass(frozen=True)
 class TunerSpec:
-    """A registered method: its recipe params model, capabilities and how it maps to the HF PEFT format."""
+    """A registered method: its recipe params model, capabilities and how it maps to adapter_config.json.
+
+    `peft_type` is what adapter_config.json records. When `in_hf_peft` is True it is HF PEFT's own type and
+    `to_hf_config`/`from_hf_config` translate to and from HF's fields, so either library loads the other's
+    adapters. Methods HF PEFT lacks use a `PEFTCLI_` type and, by default, store their params as they are.
+    """
 
     name: str
     summary: str
     params: type[BaseModel]
     capabilities: Capabilities
-    implementation: str  # module with the torch side; it must define `apply_method` and friends
-    hf_peft_type: str | None = None  # e.g. "LORA"; None when HF PEFT has no such method
+    implementation: str  # module with the torch side: see tuners/protocol.py
+    peft_type: str = ""
+    in_hf_peft: bool = False
     to_hf_config: Callable[[Any, list[str]], dict] | None = None
     from_hf_config: Callable[[dict], Any] | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.peft_type:
+            object.__setattr__(self, "peft_type", f"PEFTCLI_{self.name.upper()}")
+        if self.in_hf_peft and (self.to_hf_config is None or self.from_hf_config is None):
+            raise ValueError(f"tuner {self.name!r} is in HF PEFT, so it needs to_hf_config and from_hf_config")
+        if self.to_hf_config is None:
+            object.__setattr__(self, "to_hf_config", _params_as_config(self))
+        if self.from_hf_config is None:
+            object.__setattr__(self, "from_hf_config", _params_from_config(self))
+
+
+def _params_as_config(spec: TunerSpec) -> Callable[[Any, list[str]], dict]:
+    def to_config(params, targeted: list[str]) -> dict:
+        return {"peft_type": spec.peft_type, **params.model_dump(mode="json", exclude={"name"})}
+
+    return to_config
+
+
+_COMMON_CONFIG_KEYS = {"peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode"}
+
+
+def _params_from_config(spec: TunerSpec) -> Callable[[dict], Any]:
+    def from_config(config: dict):
+        fields = {k: v for k, v in config.items() if k not in _COMMON_CONFIG_KEYS and k != "auto_mapping"}
+        return spec.params(**fields)
+
+    return from_config
 
 
 _REGISTRY: dict[str, TunerSpec] = {}
@@ -82,10 +120,10 @@ def get_tuner(name: str) -> TunerSpec:
     return all_tuners()[name]
 
 
-def tuner_for_hf_peft_type(peft_type: str) -> TunerSpec | None:
-    """The method that reads adapters HF PEFT saved with this `peft_type`."""
+def tuner_for_peft_type(peft_type: str) -> TunerSpec | None:
+    """The method that reads adapters saved with this `peft_type` (by HF PEFT or by us)."""
     for spec in all_tuners().values():
-        if spec.hf_peft_type == peft_type:
+        if spec.peft_type == peft_type:
             return spec
     return None
 

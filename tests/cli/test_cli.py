@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_recipe, run_cli, write_recipe
+from support import make_recipe, run_cli, write_recipe
 
 import peftcli
 from peftcli.examples.tiny import write_jsonl

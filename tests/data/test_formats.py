@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_recipe
+from support import make_recipe
 
 from peftcli.data.collate import PadCollator
 from peftcli.data.formats import IGNORE_INDEX, Renderer, truncate

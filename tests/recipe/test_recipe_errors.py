@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_recipe, write_recipe
+from support import REPO, make_recipe, write_recipe
 
 from peftcli.errors import PeftCliError, RecipeError
 from peftcli.recipe.load import apply_overrides, load_recipe, parse_override

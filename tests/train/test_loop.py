@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_recipe
+from support import make_recipe
 from safetensors.torch import load_file
 
 from peftcli.recipe.load import validate_recipe_dict

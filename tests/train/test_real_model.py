@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from support import REPO, run_cli
 
 from peftcli.examples.assets import SMOLLM2_GGUF, cache_dir
 

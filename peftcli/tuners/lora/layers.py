@@ -9,6 +9,7 @@ from torch import nn
 
 from peftcli.tuners.inject import find_targets, replace_module
 from peftcli.tuners.lora.spec import SPEC, LoraParams
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 
 
 class LoraLinear(nn.Module):
@@ -78,15 +79,15 @@ class LoraLinear(nn.Module):
         return f"r={self.lora_A.out_features}, scaling={self.scaling:g}"
 
 
-def apply_method(model: nn.Module, params: LoraParams) -> list[str]:
-    """Wrap every targeted linear layer of `model` in a LoraLinear; returns the wrapped module names."""
+def apply_method(model: nn.Module, params: LoraParams, context: AdapterContext) -> AppliedMethod:
+    """Wrap every targeted linear layer of `model` in a LoraLinear."""
     targets = find_targets(model, params.target_modules, params.exclude_modules, SPEC.capabilities.layer_types, "lora")
     for name in targets:
         base = model.get_submodule(name)
         replace_module(
             model, name, LoraLinear(base, params.r, params.alpha, params.dropout, params.rslora, params.init)
         )
-    return targets
+    return AppliedMethod(targets)
 
 
 def merge_all(model: nn.Module) -> None:

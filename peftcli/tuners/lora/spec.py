@@ -137,7 +137,8 @@ SPEC = register_tuner(
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.lora.layers",
-        hf_peft_type="LORA",
+        peft_type="LORA",
+        in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
     )

@@ -1,0 +1,52 @@
+"""Helpers shared by the tests (importable as `support`; pyproject puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_recipe(tmp_path: Path, model_dir: Path, data_path: Path, **sections) -> dict:
+    """A small valid recipe as a dict; keyword sections are merged over the defaults."""
+    recipe = {
+        "model": {"name_or_path": str(model_dir), "dtype": "fp32"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {
+            "train": {"path": str(data_path), "format": "prompt_completion"},
+            "validation": {"fraction": 0.1},
+            "max_length": 64,
+        },
+        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3},
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    """Write a recipe dict as YAML."""
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m peftcli ARGS` as a user would, capturing output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "peftcli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
