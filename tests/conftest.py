@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftcli.examples.tiny import copy_task, write_jsonl, write_tiny_model
+from peftcli.examples.tiny import copy_task, write_jsonl, write_tiny_encoder, write_tiny_model, write_tiny_seq2seq
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,6 +19,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (hidden 64, 2 layers) with a BPE tokenizer and chat template, saved as an HF dir."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT sequence classifier (hidden 64, 2 layers, 3 labels) with the tiny tokenizer."""
+    return write_tiny_encoder(tmp_path_factory.mktemp("tiny-bert") / "model", task="seq_cls")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_token_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT token classifier (3 labels) with the tiny tokenizer."""
+    return write_tiny_encoder(tmp_path_factory.mktemp("tiny-bert-tok") / "model", task="token_cls")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A tiny random T5 (d_model 64, 2+2 layers) with the tiny tokenizer."""
+    return write_tiny_seq2seq(tmp_path_factory.mktemp("tiny-t5") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -89,6 +89,84 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, max_shard_size: str | N
     return out_dir
 
 
+TINY_LABELS = ("negative", "neutral", "positive")
+
+
+def build_bert(vocab_size: int, task: str = "seq_cls", num_labels: int = 3, seed: int = 0, **overrides):
+    """A BERT encoder with random weights (hidden 64, 2 layers) and a seq_cls or token_cls head."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    config = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        initializer_range=0.2,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    cls = {"seq_cls": BertForSequenceClassification, "token_cls": BertForTokenClassification}[task]
+    return cls(BertConfig(**config))
+
+
+def build_t5(vocab_size: int, seed: int = 0, **overrides):
+    """A T5 encoder-decoder with random weights: d_model 64, 2 + 2 layers, 4 heads."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = dict(
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        vocab_size=vocab_size,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        initializer_factor=1.0,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(**config))
+
+
+def write_tiny_encoder(out_dir: str | Path, task: str = "seq_cls", labels=TINY_LABELS, seed: int = 0) -> Path:
+    """Save a tiny BERT classifier (seq_cls or token_cls) and the tiny tokenizer as an HF directory.
+
+    The head is saved too, but training replaces it: the model builder sizes the head from the data's labels.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = build_bert(len(tokenizer), task=task, num_labels=len(labels), seed=seed)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tiny_seq2seq(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny T5 and the tiny tokenizer as an HF directory (pad doubles as the decoder start token)."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = build_t5(len(tokenizer), seed=seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.decoder_start_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def copy_task(count: int, seed: int = 0) -> list[dict]:
     """Prompt/completion pairs a tiny model learns in a few dozen steps: repeat the words after 'copy'."""
     rng = random.Random(seed)

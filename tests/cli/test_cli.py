@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import make_recipe, run_cli, write_recipe
 
 import peftcli
 from peftcli.examples.tiny import write_jsonl
+
+from support import make_recipe, run_cli, write_recipe
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

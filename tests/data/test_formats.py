@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import make_recipe
 
 from peftcli.data.collate import PadCollator
 from peftcli.data.formats import IGNORE_INDEX, Renderer, truncate
@@ -15,6 +14,8 @@ from peftcli.data.prepare import prepare_data
 from peftcli.data.sources import load_source
 from peftcli.errors import DataError
 from peftcli.recipe.schema import DataSource, Recipe
+
+from support import make_recipe
 
 CONVERSATION = [
     {"role": "system", "content": "you answer in words"},

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from support import REPO, make_recipe, write_recipe
 
 from peftcli.errors import PeftCliError, RecipeError
 from peftcli.recipe.load import apply_overrides, load_recipe, parse_override
+
+from support import REPO, make_recipe, write_recipe
 
 
 @pytest.fixture

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from support import make_recipe
 from safetensors.torch import load_file
 
 from peftcli.recipe.load import validate_recipe_dict
 from peftcli.train.loop import SilentReporter, train
 from peftcli.train.output_dir import list_checkpoints
+
+from support import make_recipe
 
 
 def _recipe(tmp_path, tiny_model_dir, copy_data, **sections):

@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from support import REPO, run_cli
 
 from peftcli.examples.assets import SMOLLM2_GGUF, cache_dir
+
+from support import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
