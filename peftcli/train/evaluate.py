@@ -1,4 +1,4 @@
-"""Validation loss and perplexity, and a generation score (share of greedy answers matching a regex)."""
+"""Validation loss (with perplexity or accuracy), and a generation score (share of greedy answers matching a regex)."""
 
 from __future__ import annotations
 
@@ -6,41 +6,39 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
 from peftcli.data.formats import IGNORE_INDEX
-
-
-def token_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example sum of next-token cross-entropy and the number of label tokens it covers."""
-    # Shift the labels, not the logits: slicing the logits would copy a (batch, length, vocabulary) tensor.
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    losses = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
-    return losses.sum(dim=1), counts
+from peftcli.train.losses import GENERATIVE_TASKS, batch_loss_sums, correct_counts, forward_logits
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataloader, accelerator) -> dict:
-    """Token-weighted mean loss over the whole validation set, gathered across processes."""
+def evaluate_loss(model, dataloader, accelerator, task: str = "causal_lm", config=None) -> dict:
+    """Label-weighted mean loss over the whole validation set (gathered across processes), plus perplexity for
+    generative tasks and accuracy for classification."""
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64)
-    total_tokens = torch.zeros((), dtype=torch.float64)
+    totals = torch.zeros(4, dtype=torch.float64)  # loss, labels, correct, predicted labels
+    config = config if config is not None else accelerator.unwrap_model(model).config
     for batch in dataloader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        sums, counts = token_loss_sums(logits, batch["labels"])
-        sums, counts = accelerator.gather_for_metrics((sums, counts))
-        total_loss += sums.double().sum().cpu()
-        total_tokens += counts.double().sum().cpu()
+        logits = forward_logits(model, batch, task, config)
+        sums, counts = batch_loss_sums(logits, batch, task)
+        parts = [sums.double(), counts.double()]
+        if task not in GENERATIVE_TASKS:
+            correct, labelled = correct_counts(logits, batch, task)
+            parts += [correct.double(), labelled.double()]
+        gathered = accelerator.gather_for_metrics(tuple(parts))
+        for index, part in enumerate(gathered):
+            totals[index] += part.sum().cpu()
     model.train(was_training)
-    loss = (total_loss / total_tokens.clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(total_tokens.item())}
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    result = {"eval_loss": loss}
+    if task in GENERATIVE_TASKS:
+        result["eval_ppl"] = math.exp(min(loss, 50.0))
+        result["eval_tokens"] = int(totals[1].item())
+    else:
+        result["eval_accuracy"] = (totals[2] / totals[3].clamp(min=1)).item()
+        result["eval_labels"] = int(totals[3].item())
+    return result
 
 
 def prompt_ids(example: dict) -> list[int]:

@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader
 
 import peftcli
 from peftcli.data.collate import PadCollator
-from peftcli.data.formats import IGNORE_INDEX
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import PeftCliError
 from peftcli.models.load import load_base_model, load_tokenizer
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import install_adapter_only_hooks, read_trainer_state, write_trainer_state
-from peftcli.train.evaluate import evaluate_loss, generation_score, prompt_ids, token_loss_sums
+from peftcli.train.evaluate import evaluate_loss, generation_score, prompt_ids
+from peftcli.train.losses import batch_loss_sums, forward_logits, label_count
 from peftcli.train.optim import build_optimizer, lr_factor, warmup_steps
 from peftcli.train.output_dir import (
     RECIPE_FILE,
@@ -40,6 +40,8 @@ from peftcli.train.output_dir import (
     prune_checkpoints,
 )
 from peftcli.tuners.adapter import apply_adapter, save_adapter
+from peftcli.tuners.protocol import AdapterContext
+from peftcli.tuners.registry import load_implementation
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -159,21 +161,36 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     with accelerator.main_process_first():  # tokenize once; the other processes read the datasets cache
         data = prepare_data(recipe, tokenizer)
 
+    task = recipe.model.task
+    world = accelerator.num_processes
+    accumulation = training.gradient_accumulation
+    collator = PadCollator(tokenizer.pad_token_id)
+    train_loader = DataLoader(data.train, batch_size=training.batch_size, shuffle=True, collate_fn=collator)
+    eval_loader = None
+    if data.validation is not None:
+        eval_loader = DataLoader(data.validation, batch_size=training.batch_size, collate_fn=collator)
+    # Known before the model is built, for methods with schedules (AdaLoRA's rank budget). Each process
+    # sees its share of the batches.
+    micro_per_epoch = math.ceil(len(train_loader) / world)
+    if training.max_steps is not None:
+        total_steps = training.max_steps
+    else:
+        total_steps = max(1, math.ceil((training.epochs or 1.0) * micro_per_epoch / accumulation))
+    warm = warmup_steps(training, total_steps)
+
     reporter.message("loading the base model")
-    model = load_base_model(recipe.model)
-    info = apply_adapter(model, recipe.method)
+    label_names = getattr(data, "label_names", None)
+    model = load_base_model(recipe.model, **({"label_names": label_names} if label_names else {}))
+    info = apply_adapter(model, recipe.method, AdapterContext(task=task, tokenizer=tokenizer, total_steps=total_steps))
+    method = load_implementation(recipe.method.name)
     if training.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpoints
     trainable = info.trainable_count(model)
     total_params = sum(p.numel() for p in model.parameters())
 
-    collator = PadCollator(tokenizer.pad_token_id)
-    train_loader = DataLoader(data.train, batch_size=training.batch_size, shuffle=True, collate_fn=collator)
-    eval_loader = None
-    if data.validation is not None:
-        eval_loader = DataLoader(data.validation, batch_size=training.batch_size, collate_fn=collator)
-    optimizer = build_optimizer(model, training)
+    method_groups = method.optimizer_groups(model, recipe.method) if hasattr(method, "optimizer_groups") else None
+    optimizer = build_optimizer(model, training, method_groups)
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     if eval_loader is not None:
@@ -182,15 +199,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     install_adapter_only_hooks(accelerator)
     unwrapped = accelerator.unwrap_model(model)
-
-    world = accelerator.num_processes
-    accumulation = training.gradient_accumulation
     micro_per_epoch = len(train_loader)
-    if training.max_steps is not None:
-        total_steps = training.max_steps
-    else:
-        total_steps = max(1, math.ceil((training.epochs or 1.0) * micro_per_epoch / accumulation))
-    warm = warmup_steps(training, total_steps)
+    extra_loss = getattr(method, "extra_loss", None)
+    after_optimizer_step = getattr(method, "after_optimizer_step", None)
 
     state = LoopState()
     metrics_path = out_dir / METRICS_FILE
@@ -215,7 +226,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     prompts: list[list[int]] = []
     gen = training.eval_generation
     if gen is not None and data.validation is not None:
-        prompts = [prompt_ids(data.validation[i]) for i in range(min(gen.prompts, len(data.validation)))]
+        shown = range(min(gen.prompts, len(data.validation)))
+        if task == "seq2seq":  # the whole encoder input is the prompt
+            prompts = [list(data.validation[i]["input_ids"]) for i in shown]
+        else:
+            prompts = [prompt_ids(data.validation[i]) for i in shown]
 
     def run_generation(step: int) -> dict | None:
         if not prompts:
@@ -238,7 +253,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     def run_eval(step: int) -> dict | None:
         if eval_loader is None:
             return None
-        result = evaluate_loss(model, eval_loader, accelerator)
+        result = evaluate_loss(model, eval_loader, accelerator, task, unwrapped.config)
         result["step"] = step
         if main:
             _append_jsonl(metrics_path, {"type": "eval", **result})
@@ -259,6 +274,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             "total_params": total_params,
             "targeted_modules": len(info.targeted),
             "precision": accelerator.mixed_precision,
+            "task": task,
+            "label_names": label_names,
             "device": str(accelerator.device),
             "data_stats": {k: vars(v) for k, v in data.stats.items()},
         }
@@ -277,7 +294,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         window = [next(stream) for _ in range(accumulation)]
         epoch = window[-1][0]
         _reseed(training.seed, state.step, accelerator.process_index, world)
-        local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for _, b in window)
+        local_labels = sum(label_count(b, task) for _, b in window)
         local_tokens = sum(int(b["attention_mask"].sum()) for _, b in window)
         counts = accelerator.reduce(
             torch.tensor([local_labels, local_tokens], device=accelerator.device, dtype=torch.float64), "sum"
@@ -289,11 +306,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             # weighs the same whatever the padding, accumulation or number of processes.
             sync = index == accumulation - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
-                sums, _ = token_loss_sums(logits, batch["labels"])
-                accelerator.backward(sums.sum() * world / global_labels)
+                logits = forward_logits(model, batch, task, unwrapped.config)
+                sums, _ = batch_loss_sums(logits, batch, task)
+                objective = sums.sum() * world / global_labels
+                penalty = extra_loss(unwrapped) if extra_loss is not None else None
+                if penalty is not None:  # a per-step regulariser (AdaLoRA), spread over the window
+                    objective = objective + penalty / accumulation
+                accelerator.backward(objective)
             loss_sum += sums.sum().detach().double()
         factor = lr_factor(state.step, total_steps, warm, training.schedule)
         for group in optimizer.param_groups:
@@ -302,6 +321,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         if training.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(params, training.max_grad_norm))
         optimizer.step()
+        if after_optimizer_step is not None:  # reads the gradients, so before they are cleared
+            after_optimizer_step(unwrapped, state.step)
         optimizer.zero_grad(set_to_none=True)
 
         loss = float(accelerator.reduce(loss_sum, "sum")) / global_labels
@@ -318,7 +339,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
                 "step": state.step,
                 "epoch": round(state.micro_batches / micro_per_epoch, 4),
                 "loss": loss,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": training.learning_rate * factor,
                 "grad_norm": grad_norm,
                 "tokens_per_s": int(counts[1]) / max(1e-9, time.perf_counter() - step_start),
                 "tokens": state.tokens,
@@ -346,6 +367,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         tokenizer.save_pretrained(out_dir)
         summary = _summary(recipe, out_dir, state, total_steps, micro_per_epoch, trainable, total_params, world)
         summary["effective_batch_size"] = effective_batch
+        summary["task"] = task
+        summary["label_names"] = label_names
         summary["output_dir"] = str(out_dir)
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         reporter.finish(summary)

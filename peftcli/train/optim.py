@@ -10,15 +10,31 @@ from torch import nn
 from peftcli.recipe.schema import TrainingSection
 
 
-def build_optimizer(model: nn.Module, training: TrainingSection) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms, scales)."""
-    decay, no_decay = [], []
+def build_optimizer(
+    model: nn.Module, training: TrainingSection, method_groups: list[dict] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms, scales).
+
+    `method_groups` (from a method's `optimizer_groups`, e.g. LoRA+) give some parameters their own learning
+    rate, `lr_scale` times the recipe's; every other trainable parameter gets the recipe's rate.
+    """
+    scale_of: dict[int, float] = {}
+    for group in method_groups or []:
+        for param in group["params"]:
+            scale_of[id(param)] = float(group.get("lr_scale", 1.0))
+    buckets: dict[tuple[float, bool], list] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": training.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+            key = (scale_of.get(id(param), 1.0), param.dim() >= 2)
+            buckets.setdefault(key, []).append(param)
+    groups = [
+        {
+            "params": params,
+            "lr": training.learning_rate * scale,
+            "weight_decay": training.weight_decay if decays else 0.0,
+        }
+        for (scale, decays), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    ]
     return torch.optim.AdamW(groups, lr=training.learning_rate, betas=training.betas)
 
 
@@ -40,11 +56,3 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingSection, total_steps: int):
-    """A LambdaLR following `lr_factor`."""
-    warm = warmup_steps(training, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warm, training.schedule)
-    )

@@ -203,3 +203,32 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             )
         with torch.no_grad():
             param.copy_(tensor.to(param.dtype))
+
+
+def merge_refusal(method: str) -> str:
+    """Why a method cannot be merged into the base weights, and what to do instead."""
+    spec = get_tuner(method)
+    reason = spec.extra.get("merge_refusal") or f"{method} does not change the base weights in a way that folds in"
+    return f"method {method} cannot be merged: {reason}"
+
+
+def merge_adapter(model: nn.Module) -> None:
+    """Fold the model's adapter into its base weights in place (idempotent); refuses non-mergeable methods.
+
+    Methods that train base tensors directly (BitFit, full fine-tuning) are already "merged": nothing to do.
+    """
+    info = adapter_info(model)
+    spec = get_tuner(info.method)
+    if not spec.capabilities.mergeable:
+        raise AdapterError(merge_refusal(info.method))
+    if spec.capabilities.kind == "trains_base":
+        return
+    load_implementation(info.method).merge_all(model)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Take a merged adapter back out of the base weights (idempotent)."""
+    info = adapter_info(model)
+    spec = get_tuner(info.method)
+    if spec.capabilities.mergeable and spec.capabilities.kind != "trains_base":
+        load_implementation(info.method).unmerge_all(model)
