@@ -17,7 +17,7 @@ from torch import nn
 
 import peftcli
 from peftcli.errors import AdapterError
-from peftcli.tuners.inject import freeze, task_head_names, unfreeze_modules_to_save
+from peftcli.tuners.inject import TASK_HEAD_NAMES, freeze, task_head_names, unfreeze_modules_to_save
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
@@ -66,8 +66,11 @@ def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext |
     for param in model.parameters():
         if id(param) not in before:
             param.requires_grad_(True)
-    heads = [h for h in task_head_names(model) if h not in (getattr(params, "modules_to_save", None) or [])]
-    to_save = list(getattr(params, "modules_to_save", None) or []) + heads
+    requested = list(getattr(params, "modules_to_save", None) or [])
+    heads = task_head_names(model)
+    if heads:  # HF PEFT lists both `classifier` and `score` for classification tasks; the model has one
+        requested = [n for n in requested if n not in TASK_HEAD_NAMES]
+    to_save = requested + heads
     unfreeze_modules_to_save(model, to_save, applied.targeted)
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     model.train(was_training)  # new layers (dropout!) follow the model's mode: eval stays eval
