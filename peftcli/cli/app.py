@@ -7,6 +7,7 @@ import sys
 import typer
 
 from peftcli import __version__
+from peftcli.cli import methods as methods_commands
 from peftcli.cli import recipe as recipe_commands
 from peftcli.cli import targets as targets_commands
 from peftcli.cli import train as train_commands
@@ -26,6 +27,7 @@ app.add_typer(recipe_app, name="recipe")
 
 app.command("train")(train_commands.train)
 app.command("targets")(targets_commands.targets)
+app.command("methods")(methods_commands.methods)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)
 recipe_app.command("schema")(recipe_commands.schema)

@@ -22,10 +22,12 @@ def targets(
     from peftcli.models.load import build_empty_model
     from peftcli.recipe.load import load_recipe
     from peftcli.tuners.adapter import apply_adapter
+    from peftcli.tuners.protocol import AdapterContext
 
     recipe = load_recipe(recipe_file, overrides)
     model = build_empty_model(recipe.model)
-    info = apply_adapter(model, recipe.method)
+    context = AdapterContext(task=recipe.model.task, total_steps=recipe.training.max_steps)
+    info = apply_adapter(model, recipe.method, context)
     console = Console()
     table = Table("module", "matched", box=None)
     if full:
