@@ -78,6 +78,8 @@ _COMMON_CONFIG_KEYS = {"peft_type", "base_model_name_or_path", "revision", "task
 def _params_from_config(spec: TunerSpec) -> Callable[[dict], Any]:
     def from_config(config: dict):
         fields = {k: v for k, v in config.items() if k not in _COMMON_CONFIG_KEYS and k != "auto_mapping"}
+        if "modules_to_save" not in spec.params.model_fields:  # the task head, recorded for every method
+            fields.pop("modules_to_save", None)
         return spec.params(**fields)
 
     return from_config
