@@ -1,0 +1,1 @@
+"""BitFit: train only the biases of the base model."""

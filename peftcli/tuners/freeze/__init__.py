@@ -1,0 +1,1 @@
+"""Freeze tuning: train chosen transformer blocks (or parts of them) of the base model."""

@@ -1,0 +1,1 @@
+"""Full fine-tuning: train every parameter of the base model."""

@@ -1,0 +1,1 @@
+"""IA3: learned rescaling vectors."""

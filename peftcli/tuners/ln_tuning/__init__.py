@@ -1,0 +1,1 @@
+"""LayerNorm tuning: train a copy of each normalisation layer."""
