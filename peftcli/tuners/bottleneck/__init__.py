@@ -1,0 +1,1 @@
+"""Bottleneck adapters (Houlsby, Pfeiffer)."""

@@ -1,0 +1,1 @@
+"""LoHa: Hadamard product of low-rank updates."""

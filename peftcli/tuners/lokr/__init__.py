@@ -1,0 +1,1 @@
+"""LoKr: Kronecker product updates."""
