@@ -121,12 +121,19 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
         {
             "base_model_name_or_path": base_model_name_or_path,
             "revision": None,
-            "task_type": HF_TASK_TYPES[info.task],
+            # HF PEFT builds a task wrapper from task_type, which needs a transformers model.
+            "task_type": HF_TASK_TYPES[info.task] if _is_transformers_model(model) else None,
             "inference_mode": True,
             "auto_mapping": None,
         }
     )
     return dict(sorted(config.items()))
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
 
 
 def save_adapter(

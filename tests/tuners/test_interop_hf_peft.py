@@ -173,23 +173,116 @@ def test_hf_rslora_scaling_is_read(load_base, tmp_path):
     assert all(m.scaling == pytest.approx(8 / 4) for m in layers)  # alpha / sqrt(16), not alpha / 16
 
 
+# --- options beyond plain LoRA, both ways ----------------------------------------------------------------------
+
+
+def perturb_all(model: nn.Module, seed: int = 0, scale: float = 0.1) -> int:
+    """Add seeded noise to every trainable parameter (A, B, magnitudes, heads); returns how many."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+                count += 1
+    return count
+
+
+VARIANT_CASES = {
+    "dora": (dict(target_modules=["q_proj", "v_proj", "down_proj"], dora=True), dict(use_dora=True)),
+    "dora-all-linear-rslora": (
+        dict(target_modules="all-linear", dora=True, rslora=True, dropout=0.1),
+        dict(use_dora=True, use_rslora=True, lora_dropout=0.1),
+    ),
+    "rank-alpha-patterns": (
+        dict(
+            target_modules="all-linear",
+            rank_pattern={"q_proj": 2, "^model.layers.1.mlp.up_proj": 6},
+            alpha_pattern={"v_proj": 3},
+        ),
+        dict(rank_pattern={"q_proj": 2, "^model.layers.1.mlp.up_proj": 6}, alpha_pattern={"v_proj": 3}),
+    ),
+    "layers_to_transform": (
+        dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+        dict(layers_to_transform=[1]),
+    ),
+    "layers_to_transform-pattern": (
+        dict(target_modules=["q_proj", "up_proj"], layers_to_transform=0, layers_pattern="layers"),
+        dict(layers_to_transform=0, layers_pattern="layers"),
+    ),
+    "embedding": (dict(target_modules=["embed_tokens", "q_proj"]), {}),
+    "embedding-dora": (dict(target_modules=["embed_tokens", "lm_head"], dora=True), dict(use_dora=True)),
+}
+
+
+@pytest.mark.parametrize(("ours", "hf_fields"), list(VARIANT_CASES.values()), ids=list(VARIANT_CASES))
+def test_variants_load_in_hf_peft(load_base, input_ids, tiny_model_dir, tmp_path, ours, hf_fields):
+    from peft import LoraConfig, PeftModel
+
+    model = load_base()
+    info = apply_adapter(model, LoraParams(r=4, alpha=8, **ours))
+    assert perturb_all(model) == len(info.param_names)
+    model.eval()
+    expected = logits(model, input_ids)
+    assert max_diff(expected, logits(load_base(), input_ids)) > 1e-3
+
+    save_adapter(model, tmp_path, base_model_name_or_path=str(tiny_model_dir))
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key, value in hf_fields.items():
+        assert config[key] == value, key
+    hf = PeftModel.from_pretrained(load_base(), str(tmp_path)).eval()
+    assert isinstance(hf.peft_config["default"], LoraConfig)
+    assert hf_adapted_modules(hf) == sorted(info.targeted)
+    diff = max_diff(logits(hf, input_ids), expected)
+    assert diff < TOL, f"HF PEFT logits differ from ours by {diff}"
+
+
+HF_VARIANT_CASES = {
+    "dora": dict(target_modules=["q_proj", "v_proj"], use_dora=True),
+    "dora-dropout-rslora": dict(
+        target_modules=["k_proj", "gate_proj"], use_dora=True, use_rslora=True, lora_dropout=0.1
+    ),
+    "rank_pattern": dict(
+        target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"q_proj": 2, "^model.layers.1.mlp.up_proj": 8}
+    ),
+    "alpha_pattern": dict(target_modules="all-linear", alpha_pattern={"mlp\\..*_proj": 2, "o_proj": 32}),
+    "layers_to_transform": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]),
+    "layers_to_transform-int": dict(target_modules=["o_proj"], layers_to_transform=1, layers_pattern="layers"),
+}
+
+
+@pytest.mark.parametrize("config", list(HF_VARIANT_CASES.values()), ids=list(HF_VARIANT_CASES))
+def test_hf_peft_variants_load_in_ours(load_base, input_ids, tmp_path, config):
+    hf = _hf_adapter(load_base, tmp_path, **config)
+    perturb_all(hf, seed=2)  # magnitudes too
+    hf.eval()
+    hf.save_pretrained(str(tmp_path))
+    expected = logits(hf, input_ids)
+    model = load_base()
+    info = load_adapter(model, tmp_path)
+    model.eval()
+    assert sorted(info.targeted) == hf_adapted_modules(hf)
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert set(saved) == {"base_model.model." + n for n in info.param_names}
+    diff = max_diff(logits(model, input_ids), expected)
+    assert diff < TOL, f"our logits differ from HF PEFT's by {diff}"
+
+
 # --- HF PEFT options we cannot reproduce must be refused, not silently mis-loaded --------------------------------
 
 
 @pytest.mark.parametrize(
     ("option", "word"),
     [
-        (dict(use_dora=True), "use_dora"),
         (dict(init_lora_weights="pissa"), "pissa"),
+        (dict(init_lora_weights="pissa_niter_2"), "pissa"),
         (dict(init_lora_weights="olora"), "olora"),
         (dict(alora_invocation_tokens=[7]), "alora_invocation_tokens"),
         (dict(lora_bias=True), "lora_bias"),
         (dict(bias="lora_only"), "bias"),
-        (dict(rank_pattern={"q_proj": 2}), "rank_pattern"),
-        (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
-        (dict(layers_to_transform=0), "layers_to_transform"),
+        (dict(layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
     ],
-    ids=["dora", "pissa", "olora", "alora", "lora_bias", "bias", "rank_pattern", "alpha_pattern", "layers_to_xform"],
+    ids=["pissa", "pissa_niter", "olora", "alora", "lora_bias", "bias", "layer_replication"],
 )
 def test_unsupported_hf_options_are_refused(load_base, tmp_path, option, word):
     out = tmp_path / "hf_adapter"
@@ -200,11 +293,11 @@ def test_unsupported_hf_options_are_refused(load_base, tmp_path, option, word):
         load_adapter(load_base(), out)
 
 
-def test_dora_is_refused_before_touching_the_model(load_base, tmp_path):
-    out = tmp_path / "dora"
-    _hf_adapter(load_base, out, target_modules=["q_proj"], use_dora=True)
+def test_unconverted_pissa_is_refused_before_touching_the_model(load_base, tmp_path):
+    out = tmp_path / "pissa"
+    _hf_adapter(load_base, out, target_modules=["q_proj"], init_lora_weights="pissa", use_dora=True)
     model = load_base()
-    with pytest.raises(AdapterError, match="use_dora"):
+    with pytest.raises(AdapterError, match="path_initial_model_for_weight_conversion"):
         load_adapter(model, out)
     assert getattr(model, "peftcli_adapter", None) is None
     assert not any(isinstance(m, LoraLinear) for m in model.modules())

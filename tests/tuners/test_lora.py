@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -297,3 +298,20 @@ def test_adapter_layers_follow_the_models_mode(load_base, input_ids, tmp_path):
     training_model = load_base().train()
     apply_adapter(training_model, LoraParams(r=4, alpha=8, dropout=0.5))
     assert all(m.training for m in training_model.modules())
+
+
+def test_layer_exposes_the_base_layer_and_merges_with_a_bias():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)  # with a bias, unlike the tiny Llama's projections
+    layer = LoraLinear(base, r=4, alpha=8, dropout=0.0, rslora=False, init="default")
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert (layer.in_features, layer.out_features) == (16, 8)
+    assert "r=4" in repr(layer) and "variant=lora" in repr(layer)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 16)
+    expected = F.linear(x, base.weight + layer.lora_B.weight @ layer.lora_A.weight * 2, base.bias)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.bias, base.bias)  # the bias is left alone

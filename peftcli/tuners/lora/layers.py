@@ -1,104 +1,253 @@
-"""LoRA on nn.Linear: y = W x + (alpha / r) * B A dropout(x), with A and B kept in fp32."""
+"""LoRA's torch side (see tuners/protocol.py): wrap the targeted layers, merge them, and the hooks that save a
+PiSSA/OLoRA adapter as plain LoRA, read HF PEFT's extra embedding tensors and give LoRA+ its learning rates.
+
+The layer classes live in modules.py, the DoRA variant in variants.py, PiSSA/OLoRA in init.py.
+"""
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 from torch import nn
 
+from peftcli.errors import AdapterError, PeftCliError
+from peftcli.tuners.adapter import HF_KEY_PREFIX, adapter_info
 from peftcli.tuners.inject import find_targets, replace_module
-from peftcli.tuners.lora.spec import SPEC, LoraParams
+from peftcli.tuners.lora.init import plain_lora_config, plain_lora_factors
+from peftcli.tuners.lora.modules import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    layer_class,
+    lora_layers,
+)
+from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
+from peftcli.tuners.lora.spec import SPEC, LoraParams, changes_base
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.targets import ALL_LINEAR
+
+__all__ = [  # the layer classes are re-exported: other code reaches LoRA through this module
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "adapter_tensors",
+    "apply_method",
+    "config_updates",
+    "load_tensors",
+    "lora_layers",
+    "merge_all",
+    "optimizer_groups",
+    "unmerge_all",
+]
+
+# --- applying the method ----------------------------------------------------------------------------------------
 
 
-class LoraLinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank branch. Holds one adapter (the run's)."""
+def _weight_sharers(model: nn.Module) -> dict[int, list[str]]:
+    """Module names by the id of their own `weight` parameter (several names: a tied or reused weight)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if name else None
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    return owners
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, rslora: bool, init: str):
-        super().__init__()
-        self.base_layer = base_layer
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        self.merged = False
-        self.reset_lora_parameters(init)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
+def _select_layers(params: LoraParams, found: list[str]) -> list[str]:
+    kept = [
+        name
+        for name in found
+        if in_selected_layers(name, params.target_modules, params.layers_to_transform, params.layers_pattern)
+    ]
+    if not kept:
+        indices = sorted({i for i in (layer_index(n, params.layers_pattern) for n in found) if i is not None})
+        raise PeftCliError(
+            f"method.layers_to_transform: {params.layers_to_transform} keeps none of the {len(found)} matched "
+            f"modules (block indices found: {indices or 'none'}"
+            + (f" after layers_pattern {params.layers_pattern}" if params.layers_pattern else "")
+            + ")"
+        )
+    return kept
 
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+def _check_patterns(params: LoraParams, model: nn.Module) -> None:
+    # A key that matches no module at all is a typo; one that matches only modules left unadapted is harmless
+    # (HF PEFT adapters may carry such keys), so it is accepted.
+    names = [name for name, _ in model.named_modules() if name]
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(params, field):
+            if not any(pattern_key([key], name) for name in names):
+                raise PeftCliError(f"method.{field}: {key!r} matches no module of this model; fix or remove it")
 
-    def reset_lora_parameters(self, init: str) -> None:
-        """B = 0 so the layer starts as the identity; A kaiming-uniform (default) or N(0, 1/r) (gaussian)."""
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The update this adapter adds to the base weight, scaled, in fp32."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+def _zero3(weight: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions (or will partition) the base weights."""
+    return hasattr(weight, "ds_id") or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
-    def merge(self) -> None:
-        """Fold the update into the base weight (once; merging twice is a no-op)."""
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.data = (weight.data.float() + self.delta_weight()).to(weight.dtype)
-        self.merged = True
 
-    def unmerge(self) -> None:
-        """Take the update back out of the base weight."""
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.data = (weight.data.float() - self.delta_weight()).to(weight.dtype)
-        self.merged = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        # Compute the branch in the adapter's dtype, cast, then add: the order keeps half-precision error small.
-        lora_dtype = self.lora_A.weight.dtype
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(lora_dtype)))) * self.scaling
-        return result + delta.to(result.dtype)
-
-    def extra_repr(self) -> str:
-        return f"r={self.lora_A.out_features}, scaling={self.scaling:g}"
+def _check_layer(name: str, base: nn.Module, params: LoraParams, r: int, sharers: list[str]) -> None:
+    """Refuse, naming the recipe key, what a layer cannot do with these params."""
+    kind = type(base).__name__
+    weight = base.weight
+    if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+        odd = []
+        if base.groups != 1:
+            odd.append(f"groups={base.groups}")
+        if any(d != 1 for d in base.dilation):
+            odd.append(f"dilation={base.dilation}")
+        if base.padding_mode != "zeros":
+            odd.append(f"padding_mode={base.padding_mode!r}")
+        if odd:
+            raise PeftCliError(
+                f"method.target_modules: {name} is a {kind} with {', '.join(odd)}, which LoRA does not adapt "
+                "(only groups=1, no dilation, zero padding); leave it out (method.exclude_modules)"
+            )
+        if changes_base(params.init):
+            raise PeftCliError(
+                f"method.init: {params.init} starts linear layers only (as in HF PEFT), but {name} is a {kind}; "
+                "exclude it (method.exclude_modules) or use init: default"
+            )
+    if isinstance(base, nn.Embedding) and base.max_norm is not None:
+        raise PeftCliError(
+            f"method.target_modules: {name} is an Embedding with max_norm, which LoRA does not adapt; leave it out"
+        )
+    if params.dora and _zero3(weight):
+        raise PeftCliError(
+            "method.dora: DoRA reads each layer's whole base weight in every forward, which DeepSpeed ZeRO-3 "
+            "keeps partitioned; use ZeRO-2 (or FSDP), or set dora: false"
+        )
+    if changes_base(params.init) and (hasattr(weight, "ds_id") or (weight.numel() == 0 and not weight.is_meta)):
+        raise PeftCliError(
+            f"method.init: {name}'s weight is partitioned (DeepSpeed ZeRO-3), and {params.init} needs the whole "
+            "weight to start from; use ZeRO-2, or init: default"
+        )
+    if changes_base(params.init) and isinstance(base, nn.Linear):
+        if not weight.is_floating_point():
+            raise PeftCliError(f"method.init: {params.init} needs a float base weight; {name} is {weight.dtype}")
+        if r > min(weight.shape):
+            key = "method.rank_pattern" if r != params.r else "method.r"
+            raise PeftCliError(
+                f"{key}: {params.init} needs r <= min(in, out) = {min(weight.shape)} for {name}, got {r}"
+            )
+        if sharers:
+            raise PeftCliError(
+                f"method.init: {params.init} rewrites {name}'s weight, which is tied to {', '.join(sharers)}; "
+                "exclude it (method.exclude_modules) or use init: default"
+            )
 
 
 def apply_method(model: nn.Module, params: LoraParams, context: AdapterContext) -> AppliedMethod:
-    """Wrap every targeted linear layer of `model` in a LoraLinear."""
-    targets = find_targets(model, params.target_modules, params.exclude_modules, SPEC.capabilities.layer_types, "lora")
+    """Wrap every targeted layer of `model` in the LoRA layer of its kind."""
+    # `all-linear` means linear layers only; embeddings and convs are adapted when named.
+    layer_types = ("Linear",) if params.target_modules == ALL_LINEAR else SPEC.capabilities.layer_types
+    found = find_targets(model, params.target_modules, params.exclude_modules, layer_types, "lora")
+    targets = _select_layers(params, found)
+    _check_patterns(params, model)
+    owners = _weight_sharers(model)
     for name in targets:
         base = model.get_submodule(name)
-        replace_module(
-            model, name, LoraLinear(base, params.r, params.alpha, params.dropout, params.rslora, params.init)
-        )
+        sharers = [n for n in owners.get(id(base.weight), []) if n != name]
+        r = int(pattern_value(params.rank_pattern, name, params.r))
+        alpha = float(pattern_value(params.alpha_pattern, name, params.alpha))
+        _check_layer(name, base, params, r, sharers)
+        layer = layer_class(base)(base, r, alpha, params.dropout, params.rslora, params.init, params.dora)
+        layer.shares_weight_with = tuple(sharers)
+        replace_module(model, name, layer)
     return AppliedMethod(targets)
 
 
 def merge_all(model: nn.Module) -> None:
     """Merge every LoRA layer of the model in place."""
-    for module in model.modules():
-        if isinstance(module, LoraLinear):
-            module.merge()
+    for module in lora_layers(model).values():
+        module.merge()
 
 
 def unmerge_all(model: nn.Module) -> None:
     """Undo `merge_all`."""
-    for module in model.modules():
-        if isinstance(module, LoraLinear):
-            module.unmerge()
+    for module in lora_layers(model).values():
+        module.unmerge()
+
+
+# --- saving, loading and training hooks (see tuners/protocol.py) --------------------------------------------------
+
+
+def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk tensors; a PiSSA/OLoRA adapter is written as the plain rank-2r LoRA that fits the original base."""
+    tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in named.items()}
+    for layer_name, layer in lora_layers(model).items():
+        if layer.lora_initial_A is None:
+            continue
+        key_a, key_b = (f"{HF_KEY_PREFIX}{layer_name}.{part}" for part in layer.factor_names)
+        tensors[key_a], tensors[key_b] = plain_lora_factors(
+            tensors[key_a], tensors[key_b], layer.lora_initial_A.cpu(), layer.lora_initial_B.cpu()
+        )
+    return tensors
+
+
+def config_updates(model: nn.Module) -> dict:
+    """adapter_config.json fields of the saved form: a PiSSA/OLoRA adapter is saved as plain LoRA of rank 2r."""
+    params = adapter_info(model).params
+    return plain_lora_config(params) if changes_base(params.init) else {}
+
+
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """On-disk tensors under parameter names.
+
+    HF PEFT also saves the full base weight of an embedding it targets by a short name
+    (`<embedding>.base_layer.weight`) and loads it back into the base; so do we, so the model is the one HF
+    PEFT would build.
+    """
+    layers = lora_layers(model)
+    named = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(HF_KEY_PREFIX)
+        owner, _, leaf = name.rpartition(".base_layer.")
+        if owner in layers and leaf in ("weight", "bias"):
+            target = getattr(layers[owner].base_layer, leaf)
+            if target is None or tuple(target.shape) != tuple(tensor.shape):
+                shape = None if target is None else tuple(target.shape)
+                raise AdapterError(
+                    f"adapter does not fit this model: {key} has shape {tuple(tensor.shape)}, the base has {shape} "
+                    "(was the vocabulary resized?)"
+                )
+            with torch.no_grad():
+                target.copy_(tensor.to(target.dtype))
+            continue
+        named[name] = tensor
+    return named
+
+
+def optimizer_groups(model: nn.Module, params: LoraParams) -> list[dict]:
+    """LoRA+ (arXiv 2402.12354): B matrices learn `loraplus_lr_ratio` times faster than A.
+
+    As HF PEFT's create_loraplus_optimizer: A and B of embedding layers get `loraplus_lr_embedding` (here a
+    multiple of the recipe's rate; unset, the recipe's rate); every other trainable tensor named lora_B or with
+    one dimension (DoRA magnitudes, biases) gets the ratio; everything else the recipe's rate.
+    """
+    if params.loraplus_lr_ratio is None:
+        return []
+    embedding = {
+        id(p)
+        for layer in lora_layers(model).values()
+        if isinstance(layer, LoraEmbedding)
+        for p in (layer.lora_embedding_A, layer.lora_embedding_B)
+    }
+    groups = {
+        "lora_plus_A": ([], 1.0),
+        "lora_plus_B": ([], float(params.loraplus_lr_ratio)),
+        "lora_plus_embedding": ([], float(params.loraplus_lr_embedding or 1.0)),
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in embedding:
+            group = "lora_plus_embedding"
+        elif "lora_B" in name or param.dim() == 1:
+            group = "lora_plus_B"
+        else:
+            group = "lora_plus_A"
+        groups[group][0].append(param)
+    return [{"name": name, "params": ps, "lr_scale": scale} for name, (ps, scale) in groups.items() if ps]
