@@ -1,0 +1,1 @@
+"""OFT: orthogonal fine-tuning with block-diagonal rotations (see spec.py and layers.py)."""

@@ -1,0 +1,1 @@
+"""VeRA: shared random projections with trainable scaling vectors (see spec.py and layers.py)."""
