@@ -47,6 +47,7 @@ def methods(
 ) -> None:
     """List the fine-tuning methods and what each can do, or show one method's options."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from peftcli.errors import PeftCliError
@@ -64,6 +65,7 @@ def methods(
     table = Table("method", "kind", "layers", "tasks", "merge", "quantized", "ZeRO-3/FSDP", "HF PEFT", box=None)
     if share:
         table.add_column("trainable", justify="right")
+    notes: list[str] = []
     for spec in tuners.values():
         caps = spec.capabilities
         row = [
@@ -77,12 +79,18 @@ def methods(
             _yes(spec.in_hf_peft),
         ]
         if share:
-            count, fraction = trainable_share(spec.name)
-            row.append(f"{fraction:.3%}")
+            try:
+                _, fraction = trainable_share(spec.name)
+                row.append(f"{fraction:.3%}")
+            except PeftCliError:  # e.g. BitFit: the reference Llama has no biases
+                row.append("n/a")
+                notes.append(f"{spec.name}: n/a, needs {spec.extra.get('model_requirement', 'another model')}")
         table.add_row(*row)
     console.print(table)
     if share:
         console.print(f"trainable: share of {REFERENCE_MODEL} with each method's defaults")
+        for note in notes:
+            console.print(escape(note))
     console.print("`peft methods NAME` shows a method's options.")
 
 
@@ -101,8 +109,13 @@ def _describe(console, spec, share: bool) -> None:
     if not caps.mergeable and spec.extra.get("merge_refusal"):
         console.print(f"not mergeable: {escape(spec.extra['merge_refusal'])}")
     if share:
-        count, fraction = trainable_share(spec.name)
-        console.print(f"defaults train {count:,} parameters ({fraction:.3%} of {REFERENCE_MODEL})")
+        from peftcli.errors import PeftCliError
+
+        try:
+            count, fraction = trainable_share(spec.name)
+            console.print(f"defaults train {count:,} parameters ({fraction:.3%} of {REFERENCE_MODEL})")
+        except PeftCliError:
+            console.print(f"needs {escape(spec.extra.get('model_requirement', 'another model'))}")
     table = Table("option", "default", "description", box=None)
     for field_name, field in spec.params.model_fields.items():
         if field_name == "name":
