@@ -16,10 +16,13 @@ from support import make_recipe, write_recipe
 # larger steps than low-rank matrices. Options keep the methods small for the tiny model.
 METHOD_SETTINGS: dict[str, tuple[float, dict]] = {
     "lora": (3e-3, {"r": 4}),
-    "adalora": (3e-3, {"init_r": 6, "target_r": 2, "tinit": 5, "tfinal": 5}),
-    "ia3": (3e-2, {}),
-    "ln_tuning": (1e-2, {}),
-    "vera": (1e-2, {"r": 16}),
+    "adalora": (3e-2, {"init_r": 6, "target_r": 2, "tinit": 5, "tfinal": 5}),
+    "bottleneck": (1e-2, {}),
+    "ia3": (1e-1, {}),
+    "ln_tuning": (3e-2, {}),
+    "loha": (3e-2, {}),
+    "lokr": (3e-2, {}),
+    "vera": (1e-1, {"r": 16}),
     "oft": (3e-3, {}),
     "prompt_tuning": (3e-2, {"num_virtual_tokens": 8}),
     "prefix_tuning": (1e-2, {"num_virtual_tokens": 8}),
