@@ -52,13 +52,19 @@ def prompt_ids(example: dict) -> list[int]:
 def generation_score(
     model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pattern: str, batch_size: int = 8
 ):
-    """Greedy answers to `prompts`, and the share of them in which `pattern` is found."""
+    """Greedy answers to `prompts`, and the share of them in which `pattern` is found.
+
+    Decoder-only models continue the left-padded prompts; encoder-decoder models read them with the encoder
+    and answer from the decoder start token. Prompt methods (virtual tokens, prefixes) work through
+    `model.generate` too: their forward hooks add the prompt whenever the cache is empty.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     regex = re.compile(pattern)
     answers: list[str] = []
     pad = tokenizer.pad_token_id
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)
@@ -76,7 +82,8 @@ def generation_score(
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        for row in output[:, width:]:
+        # An encoder-decoder's output is the decoder's sequence: its start token, then the answer.
+        for row in output[:, 1:] if encoder_decoder else output[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True))
     model.train(was_training)
     hits = sum(1 for a in answers if regex.search(a))

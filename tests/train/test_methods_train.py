@@ -24,9 +24,9 @@ METHOD_SETTINGS: dict[str, tuple[float, dict]] = {
     "lokr": (3e-2, {}),
     "vera": (1e-1, {"r": 16}),
     "oft": (3e-3, {}),
-    "prompt_tuning": (3e-2, {"num_virtual_tokens": 8}),
-    "prefix_tuning": (1e-2, {"num_virtual_tokens": 8}),
-    "p_tuning": (1e-2, {"num_virtual_tokens": 8}),
+    "prompt_tuning": (3e-1, {"num_virtual_tokens": 16}),
+    "prefix_tuning": (3e-1, {"num_virtual_tokens": 8}),
+    "p_tuning": (3e-3, {"num_virtual_tokens": 20, "encoder_hidden_size": 256}),
     "full": (1e-3, {}),
     "freeze": (1e-3, {}),
 }

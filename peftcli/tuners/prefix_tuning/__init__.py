@@ -1,0 +1,1 @@
+"""Prefix tuning: trainable keys and values in front of every attention layer."""

@@ -1,0 +1,1 @@
+"""Prompt tuning: trainable virtual-token embeddings in front of the input."""
