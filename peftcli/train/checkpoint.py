@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peftcli.errors import AdapterError
 from peftcli.tuners.adapter import adapter_info
+from peftcli.tuners.registry import load_implementation
 
 TRAINER_STATE = "trainer_state.json"
+METHOD_STATE = "method_state.safetensors"  # a method's own training state (AdaLoRA's importance estimates)
 
 
 def _model_file(output_dir: str, index: int) -> Path:
@@ -31,7 +33,12 @@ def install_adapter_only_hooks(accelerator) -> None:
                 continue  # engines that save their own state (DeepSpeed, FSDP) leave no entry
             unwrapped = accelerator.unwrap_model(model)
             named = dict(unwrapped.named_parameters())
-            weights[index] = {n: named[n].detach().cpu().contiguous() for n in adapter_info(unwrapped).param_names}
+            info = adapter_info(unwrapped)
+            weights[index] = {n: named[n].detach().cpu().contiguous() for n in info.param_names}
+            method_state = getattr(load_implementation(info.method), "training_state", None)
+            if method_state is not None and index == 0:
+                tensors = {k: v.contiguous() for k, v in method_state(unwrapped).items()}
+                save_file(tensors, str(Path(output_dir) / METHOD_STATE))
 
     def load_hook(models, input_dir):
         for index, model in enumerate(models):
@@ -45,6 +52,10 @@ def install_adapter_only_hooks(accelerator) -> None:
             with torch.no_grad():
                 for name in expected:
                     named[name].copy_(tensors[name].to(named[name].device, named[name].dtype))
+            restore = getattr(load_implementation(adapter_info(unwrapped).method), "load_training_state", None)
+            state_file = Path(input_dir) / METHOD_STATE
+            if restore is not None and index == 0 and state_file.is_file():
+                restore(unwrapped, load_file(str(state_file)))
         models.clear()  # loaded: accelerate must not load a (partial) state dict on top
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -64,6 +64,14 @@ class MethodImplementation(Protocol):
         """Called after each optimizer step, before gradients are cleared (AdaLoRA's rank allocation)."""
         ...
 
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """State besides parameters that a checkpoint must keep for an exact resume (AdaLoRA's importance)."""
+        ...
+
+    def load_training_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `training_state` returned."""
+        ...
+
     def config_updates(self, model: nn.Module) -> dict:
         """adapter_config.json fields that change during training (AdaLoRA's final rank_pattern)."""
         ...

@@ -102,6 +102,35 @@ def test_resume_gives_the_same_adapter_as_an_unbroken_run(tmp_path, tiny_model_d
     assert losses_a == pytest.approx(losses_b, abs=1e-6)
 
 
+def test_adalora_resume_keeps_its_importance_estimates(tmp_path, tiny_model_dir, copy_data, one_torch_thread):
+    """A checkpoint in the middle of AdaLoRA's budgeting phase resumes to the same pruned adapter."""
+    recipe = make_recipe(
+        tmp_path,
+        tiny_model_dir,
+        copy_data,
+        training={"max_steps": 12, "batch_size": 4, "save_every": 6, "learning_rate": 3e-2, "seed": 5},
+    )
+    recipe["method"] = {"name": "adalora", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1}
+
+    def run(directory: str):
+        return validate_recipe_dict({**recipe, "output": {"dir": str(tmp_path / directory)}}, "test.yaml")
+
+    train(run("a"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(run("b"), reporter=_StopAfter(8))
+    assert (tmp_path / "b" / "checkpoints" / "step-0000006" / "method_state.safetensors").is_file()
+    train(run("b"), resume=True)
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key  # the same triplets were pruned
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    config_a = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config_b = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert config_a["rank_pattern"] == config_b["rank_pattern"]
+
+
 def test_checkpoints_hold_only_the_adapter_and_are_pruned(tmp_path, tiny_model_dir, copy_data):
     recipe = _recipe(
         tmp_path, tiny_model_dir, copy_data, training={"max_steps": 7, "save_every": 2, "keep_checkpoints": 2}

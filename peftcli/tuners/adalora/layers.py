@@ -288,6 +288,33 @@ def after_optimizer_step(model: nn.Module, step: int) -> None:
     allocator.step(step)
 
 
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The allocator's importance estimates and current pattern, so a resumed run prunes as an unbroken one."""
+    allocator = _allocator(model)
+    state = {f"sensitivity.{k}": v.detach().cpu() for k, v in allocator.sensitivity.items()}
+    state.update({f"uncertainty.{k}": v.detach().cpu() for k, v in allocator.uncertainty.items()})
+    for key, kept in (allocator.rank_pattern or {}).items():
+        state[f"pattern.{key}"] = torch.tensor(kept, dtype=torch.bool)
+    return state
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore `training_state` into the model's allocator."""
+    allocator = _allocator(model)
+    device = next(iter(allocator.layers.values())).lora_E.device
+    allocator.sensitivity, allocator.uncertainty, pattern = {}, {}, {}
+    for key, tensor in tensors.items():
+        kind, _, name = key.partition(".")
+        if kind == "sensitivity":
+            allocator.sensitivity[name] = tensor.to(device)
+        elif kind == "uncertainty":
+            allocator.uncertainty[name] = tensor.to(device)
+        elif kind == "pattern":
+            pattern[name] = tensor.tolist()
+    allocator.rank_pattern = pattern or None
+    allocator.pruned_masks = None
+
+
 def config_updates(model: nn.Module) -> dict:
     """The schedule length and the kept triplets (rank_pattern) as HF PEFT records them."""
     allocator = _allocator(model)
