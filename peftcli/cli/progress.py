@@ -115,7 +115,12 @@ class RichReporter:
     def evaluation(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        if "eval_loss" in metrics:
+        if "eval_accuracy" in metrics:
+            text = (
+                f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  "
+                f"accuracy {metrics['eval_accuracy']:.2%}"
+            )
+        elif "eval_loss" in metrics:
             text = f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  ppl {metrics['eval_ppl']:.2f}"
         else:
             text = (
@@ -135,7 +140,14 @@ class RichReporter:
             self.progress.stop()
         c = self.console
         before, after = summary.get("eval_before"), summary.get("eval_after")
-        if before and after:
+        if before and after and "eval_accuracy" in after:
+            majority = summary.get("majority_class_rate")
+            baseline = f" (majority class: {majority:.2%})" if majority is not None else ""
+            c.print(
+                f"[bold]validation accuracy[/bold] {before['eval_accuracy']:.2%} -> {after['eval_accuracy']:.2%}"
+                f"{baseline}; loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
+            )
+        elif before and after:
             c.print(
                 f"[bold]validation loss[/bold] {before['eval_loss']:.4f} -> {after['eval_loss']:.4f} "
                 f"(perplexity {before['eval_ppl']:.2f} -> {after['eval_ppl']:.2f})"

@@ -41,6 +41,18 @@ def evaluate_loss(model, dataloader, accelerator, task: str = "causal_lm", confi
     return result
 
 
+def majority_class_rate(dataset, task: str) -> float | None:
+    """Accuracy of always predicting the most frequent label of `dataset` (the bar a classifier must clear)."""
+    if task not in ("seq_cls", "token_cls") or dataset is None or len(dataset) == 0:
+        return None
+    counts: dict[int, int] = {}
+    for labels in dataset["labels"]:
+        for label in labels if isinstance(labels, list) else [labels]:
+            if label != IGNORE_INDEX:
+                counts[label] = counts.get(label, 0) + 1
+    return max(counts.values()) / sum(counts.values()) if counts else None
+
+
 def prompt_ids(example: dict) -> list[int]:
     """The tokens before the first label: the prompt the model must answer."""
     labels = example["labels"]

@@ -28,7 +28,7 @@ from peftcli.models.load import load_base_model, load_tokenizer
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import install_adapter_only_hooks, read_trainer_state, write_trainer_state
-from peftcli.train.evaluate import evaluate_loss, generation_score, prompt_ids
+from peftcli.train.evaluate import evaluate_loss, generation_score, majority_class_rate, prompt_ids
 from peftcli.train.losses import batch_loss_sums, forward_logits, label_count
 from peftcli.train.optim import build_optimizer, lr_factor, warmup_steps
 from peftcli.train.output_dir import (
@@ -369,6 +369,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         summary["effective_batch_size"] = effective_batch
         summary["task"] = task
         summary["label_names"] = label_names
+        summary["majority_class_rate"] = majority_class_rate(data.validation, task)
         summary["output_dir"] = str(out_dir)
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         reporter.finish(summary)
