@@ -177,6 +177,34 @@ def copy_task(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+COLORS = ("red", "green", "blue", "black", "white")
+NUMBERS = ("one", "two", "three", "four", "five", "six")
+
+
+def marker_classification_task(count: int, seed: int = 0) -> list[dict]:
+    """Text/label rows whose label is given away by one marker word among random ones (a learnable toy)."""
+    rng = random.Random(seed)
+    markers = {"negative": "black", "neutral": "white", "positive": "red"}
+    rows = []
+    for _ in range(count):
+        words = [rng.choice(WORDS[:26]) for _ in range(rng.randint(3, 6))]
+        label = rng.choice(TINY_LABELS)
+        words.insert(rng.randrange(len(words) + 1), markers[label])
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def word_tagging_task(count: int, seed: int = 0) -> list[dict]:
+    """Token-classification rows: each word tagged color, number or word (balanced between the three)."""
+    rng = random.Random(seed)
+    groups = {"word": WORDS[:26], "color": COLORS, "number": NUMBERS}
+    rows = []
+    for _ in range(count):
+        tags = [rng.choice(list(groups)) for _ in range(rng.randint(3, 8))]
+        rows.append({"tokens": [rng.choice(groups[t]) for t in tags], "tags": tags})
+    return rows
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Write rows as JSON lines."""
     path = Path(path)
