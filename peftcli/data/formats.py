@@ -1,16 +1,27 @@
 """Render one example of each data format into token ids and labels (-100 where no loss is taken).
 
-Chat-style examples go through the tokenizer's own chat template. Which tokens belong to an assistant
-turn is found on the rendered text (character offsets), then mapped to tokens, so the template's special
-tokens around a turn are labelled exactly as the template places them.
+What an example becomes depends on the task (the batch contract is written down in data/collate.py):
+
+- causal_lm: chat-style examples go through the tokenizer's own chat template. Which tokens belong to an
+  assistant turn is found on the rendered text (character offsets), then mapped to tokens, so the template's
+  special tokens around a turn are labelled exactly as the template places them.
+- seq2seq: the prompt is the encoder input, as plain text with the tokenizer's special tokens (no chat
+  template: encoder-decoder models are not trained on one); the completion plus eos is the decoder target.
+  alpaca: the instruction, then a blank line and the input when there is one. chat: the target is the last
+  assistant turn and the encoder reads the turns before it, one paragraph each; when the context holds more
+  than one non-system turn each paragraph starts with its role ("user: ...") so the speakers stay apart.
+- seq_cls: the text (and text_pair, for pair tasks) with the tokenizer's special tokens; the label is one id.
+- token_cls: the words are tokenized as pre-split words; each word's label sits on its first sub-token, and
+  other sub-tokens and special tokens get -100.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from peftcli.errors import DataError
-from peftcli.recipe.schema import FORMAT_COLUMNS, DataSource
+from peftcli.recipe.schema import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSource
 
 IGNORE_INDEX = -100
 ROLES = {"system", "user", "assistant", "tool"}
@@ -21,27 +32,49 @@ ALPACA_PROMPT = (
 )
 
 
+def label_name(value) -> str:
+    """The name a label value is known by: text as it is, whole numbers in decimal (1.0 reads as 1)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def sorted_label_names(values) -> list[str]:
+    """Distinct label names in id order: numerically when every label is a whole number, else alphabetically."""
+    names = {label_name(v) for v in values}
+    if all(re.fullmatch(r"-?[0-9]+", name) for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
 @dataclass
 class Renderer:
-    """Turns rows of one source into {input_ids, labels} for a given tokenizer."""
+    """Turns rows of one source into {input_ids, labels, ...} for a given tokenizer and task."""
 
     source: DataSource
     tokenizer: object
     mask_prompt: bool
     key: str  # recipe path of the source, for messages
+    task: str = "causal_lm"
+    label_ids: dict[str, int] | None = None  # label name -> id, for seq_cls and token_cls
+    max_length: int | None = None  # seq_cls and token_cls truncate while tokenizing (keeping [SEP] and pairs)
+    labels_from: str = "data.labels"  # where label_ids came from, for messages
 
     def column(self, field: str) -> str:
         return self.source.columns.get(field, field)
 
     def required_columns(self) -> list[str]:
-        fields = [f for f in FORMAT_COLUMNS[self.source.format] if f != "input"]  # alpaca input is optional
+        # alpaca's input and classification's text_pair are optional, unless mapped to a column by name
+        fields = [
+            f for f in FORMAT_COLUMNS[self.source.format] if f not in OPTIONAL_COLUMNS or f in self.source.columns
+        ]
         return [self.column(f) for f in fields]
 
     def check_columns(self, column_names: list[str]) -> None:
         missing = [c for c in self.required_columns() if c not in column_names]
         if missing:
             hint = ""
-            if self.source.format in ("prompt_completion", "alpaca", "chat"):
+            if self.source.format != "text":
                 hint = f"; map them with {self.key}.columns, e.g. {{{FORMAT_COLUMNS[self.source.format][0]}: <column>}}"
             raise DataError(
                 f"{self.key}: format {self.source.format} needs column(s) {', '.join(missing)}; "
@@ -50,6 +83,8 @@ class Renderer:
 
     @property
     def uses_chat_template(self) -> bool:
+        if self.task == "seq2seq":
+            return False
         if self.source.format == "chat":
             return True
         if self.source.format == "text":
@@ -62,6 +97,12 @@ class Renderer:
 
     def __call__(self, row: dict, index: int) -> dict:
         fmt = self.source.format
+        if fmt == "classification":
+            return self.render_classification(row, index)
+        if fmt == "token_classification":
+            return self.render_token_classification(row, index)
+        if self.task == "seq2seq":
+            return self.render_seq2seq(row, index)
         if fmt == "chat":
             return self.render_chat(self.messages_of(row, index), index)
         if fmt == "text":
@@ -158,12 +199,121 @@ class Renderer:
         eos = self.tokenizer.eos_token_id
         return [] if eos is None else [eos]
 
+    # seq2seq
+
+    def render_seq2seq(self, row: dict, index: int) -> dict:
+        fmt = self.source.format
+        if fmt == "chat":
+            prompt, completion = self.chat_as_prompt(self.messages_of(row, index))
+        elif fmt == "alpaca":
+            extra = row.get(self.column("input")) or ""
+            instruction = self.text_of(row, "instruction", index)
+            prompt = instruction if not extra else f"{instruction}\n\n{extra}"
+            completion = self.text_of(row, "output", index)
+        else:
+            prompt, completion = self.text_of(row, "prompt", index), self.text_of(row, "completion", index)
+        tok = self.tokenizer
+        input_ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
+        if completion is None:
+            return {"input_ids": input_ids, "labels": []}  # no assistant turn: dropped for having no labels
+        labels = list(tok(text_target=completion)["input_ids"])  # the target's own special tokens (T5: eos)
+        eos = self.eos()
+        if eos and labels[-1:] != eos:
+            labels += eos
+        return {"input_ids": input_ids, "labels": labels}
+
+    @staticmethod
+    def chat_as_prompt(messages: list[dict]) -> tuple[str, str | None]:
+        """The encoder text (turns before the last assistant turn) and that turn's content as the target."""
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        context = messages if last is None else messages[:last]
+        spoken = [m for m in context if m["role"] != "system"]
+        named = len(spoken) > 1
+        paragraphs = [
+            m["content"] if m["role"] == "system" or not named else f"{m['role']}: {m['content']}" for m in context
+        ]
+        return "\n\n".join(paragraphs), None if last is None else messages[last]["content"]
+
+    # classification
+
+    def label_id(self, value, index: int, field: str) -> int:
+        if value is None:
+            raise DataError(f"{self.key}: {self.source.path}: example {index}: column {self.column(field)} is empty")
+        name = label_name(value)
+        ids = self.label_ids or {}
+        if name not in ids:
+            known = list(ids)
+            shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+            raise DataError(
+                f"{self.key}: {self.source.path}: example {index}: label {name!r} is not one of the labels "
+                f"({shown}, from {self.labels_from}); fix the data or list every label in data.labels"
+            )
+        return ids[name]
+
+    def encode(self, *args, **kwargs) -> tuple[dict, bool]:
+        """The tokenizer's encoding with its special tokens, truncated to max_length; and whether it was cut."""
+        tok = self.tokenizer
+        encoded = tok(*args, **kwargs)
+        if self.max_length is None or len(encoded["input_ids"]) <= self.max_length:
+            return encoded, False
+        return tok(*args, truncation=True, max_length=self.max_length, **kwargs), True
+
+    def with_token_types(self, example: dict, encoded) -> dict:
+        if "token_type_ids" in encoded:  # BERT-style pair inputs tell the two texts apart by these
+            example["token_type_ids"] = list(encoded["token_type_ids"])
+        return example
+
+    def render_classification(self, row: dict, index: int) -> dict:
+        text = self.text_of(row, "text", index)
+        pair_column = self.column("text_pair")
+        pair = self.text_of(row, "text_pair", index) if pair_column in row else None
+        encoded, cut = self.encode(text, pair) if pair is not None else self.encode(text)
+        label = self.label_id(row.get(self.column("label")), index, "label")
+        example = {"input_ids": list(encoded["input_ids"]), "labels": label, "truncated": cut}
+        return self.with_token_types(example, encoded)
+
+    def render_token_classification(self, row: dict, index: int) -> dict:
+        words, tags = row.get(self.column("tokens")), row.get(self.column("tags"))
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise DataError(
+                f"{self.key}: example {index}: column {self.column('tokens')} should be a list of words (text)"
+            )
+        if not isinstance(tags, list) or len(tags) != len(words):
+            given = f"{len(tags)} tags" if isinstance(tags, list) else type(tags).__name__
+            raise DataError(
+                f"{self.key}: example {index}: column {self.column('tags')} should hold one label per word "
+                f"({len(words)} words, got {given})"
+            )
+        try:
+            encoded, cut = self.encode(words, is_split_into_words=True)
+            word_ids = encoded.word_ids()
+        except (ValueError, TypeError, AssertionError) as exc:  # slow tokenizers, or byte-level ones without prefix
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"{self.key}: format token_classification needs a fast tokenizer that takes pre-split words: {text}"
+            ) from None
+        labels, previous = [], None
+        for word in word_ids:
+            first = word is not None and word != previous
+            labels.append(self.label_id(tags[word], index, "tags") if first else IGNORE_INDEX)
+            previous = word
+        example = {"input_ids": list(encoded["input_ids"]), "labels": labels, "truncated": cut}
+        return self.with_token_types(example, encoded)
+
 
 def truncate(example: dict, max_length: int) -> dict:
-    """Cut an example to `max_length` tokens (from the right), noting whether anything was cut."""
-    cut = len(example["input_ids"]) > max_length
-    return {
-        "input_ids": example["input_ids"][:max_length],
-        "labels": example["labels"][:max_length],
-        "truncated": cut,
-    }
+    """Cut every token sequence of an example (inputs, and labels unless one per example) to `max_length`.
+
+    Sequences are cut from the right; `truncated` says whether anything was cut, here or while tokenizing.
+    """
+    result = {}
+    cut = bool(example.get("truncated", False))
+    for name, value in example.items():
+        if name == "truncated":
+            continue
+        if isinstance(value, list):
+            cut = cut or len(value) > max_length
+            value = value[:max_length]
+        result[name] = value
+    result["truncated"] = cut
+    return result

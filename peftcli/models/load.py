@@ -102,10 +102,88 @@ def ensure_pad_token(tokenizer) -> None:
         raise ModelError("model.tokenizer: the tokenizer has no pad, unk or eos token to pad with")
 
 
-def load_base_model(section: ModelSection, device_map: str | None = None) -> nn.Module:
-    """The base model in the recipe's dtype, with the recipe's attention implementation."""
-    from transformers import AutoModelForCausalLM
+# The transformers Auto class that builds a model with each task's head.
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+}
 
+
+def auto_class(task: str):
+    """The Auto class for a task (model.task)."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def _load_config(section: ModelSection):
+    from transformers import AutoConfig
+
+    source, extra = _source_kwargs(section.name_or_path)
+    try:
+        return AutoConfig.from_pretrained(
+            source, revision=section.revision, trust_remote_code=section.trust_remote_code, **extra
+        )
+    except Exception as exc:
+        raise _explain_load_failure("the model config", section.name_or_path, exc) from None
+
+
+def _no_auto_class(section: ModelSection, config) -> ModelError:
+    name = AUTO_CLASSES[section.task]
+    kind = {"causal_lm": "a decoder", "seq2seq": "an encoder-decoder (T5, BART)"}.get(
+        section.task, "an encoder (BERT) or a decoder"
+    )
+    return ModelError(
+        f"model.task: {section.task} needs {kind} model that transformers' {name} can build; "
+        f"{config.__class__.__name__} ({getattr(config, 'model_type', '?')}) has none, so pick another task or model"
+    )
+
+
+def _check_task(section: ModelSection, config) -> None:
+    """Refuse a task the architecture has no Auto class for, naming model.task."""
+    auto = auto_class(section.task)
+    remote = section.trust_remote_code and AUTO_CLASSES[section.task] in (getattr(config, "auto_map", None) or {})
+    if type(config) not in auto._model_mapping and not remote:
+        raise _no_auto_class(section, config)
+
+
+def _size_head(section: ModelSection, config, num_labels: int | None, label_names: list[str] | None) -> None:
+    """Size a classification head for the data's labels (id2label/label2id in the config)."""
+    if section.task not in ("seq_cls", "token_cls"):
+        return
+    if label_names is not None:
+        if num_labels is not None and num_labels != len(label_names):
+            raise ValueError(f"num_labels={num_labels} but {len(label_names)} label names")
+        num_labels = len(label_names)
+    if num_labels is not None:
+        names = list(label_names) if label_names is not None else [f"LABEL_{i}" for i in range(num_labels)]
+        config.num_labels = num_labels
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+
+
+def _set_pad_id(section: ModelSection, config, pad_token_id: int | None) -> None:
+    if section.task == "seq_cls" and getattr(config, "pad_token_id", None) is None:
+        # Decoder classifiers (Llama, ...) read the logits at each row's last non-pad token, found by this id.
+        config.pad_token_id = pad_token_id if pad_token_id is not None else load_tokenizer(section).pad_token_id
+
+
+def load_base_model(
+    section: ModelSection,
+    device_map: str | None = None,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+) -> nn.Module:
+    """The base model with the head of model.task, in the recipe's dtype and attention implementation.
+
+    seq_cls/token_cls: `label_names` (or `num_labels`) size the head and fill id2label/label2id; a checkpoint
+    head of another size is replaced by a freshly initialised one. seq_cls models without a pad id in their
+    config get `pad_token_id` (default: the recipe tokenizer's).
+    """
     source, extra = _source_kwargs(section.name_or_path)
     kwargs: dict = {
         "revision": section.revision,
@@ -122,9 +200,18 @@ def load_base_model(section: ModelSection, device_map: str | None = None) -> nn.
     if device_map is not None:
         kwargs["device_map"] = device_map
     _quiet_transformers()
+    if section.task != "causal_lm":
+        config = _load_config(section)
+        _check_task(section, config)
+        _size_head(section, config, num_labels, label_names)
+        _set_pad_id(section, config, pad_token_id)
+        # The head is the task's own: a checkpoint head of another size (or none) is initialised afresh.
+        kwargs.update(config=config, ignore_mismatched_sizes=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = auto_class(section.task).from_pretrained(source, **kwargs)
     except Exception as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise _no_auto_class(section, _load_config(section)) from None
         raise _explain_load_failure("the model", section.name_or_path, exc) from None
     if extra:
         # A GGUF-loaded model keeps a GGUF quantization config that forbids saving; the weights are plain now.
@@ -135,17 +222,16 @@ def load_base_model(section: ModelSection, device_map: str | None = None) -> nn.
     return model
 
 
-def build_empty_model(section: ModelSection) -> nn.Module:
-    """The model's architecture on the meta device (no weights read): enough to match target modules."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_empty_model(
+    section: ModelSection, *, num_labels: int | None = None, label_names: list[str] | None = None
+) -> nn.Module:
+    """The model's architecture with the head of model.task on the meta device (no weights read).
 
-    source, extra = _source_kwargs(section.name_or_path)
+    Enough to match target modules; no tokenizer is read, so a seq_cls config without a pad id keeps none.
+    """
+    config = _load_config(section)
+    _check_task(section, config)
+    _size_head(section, config, num_labels, label_names)
     _quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(
-            source, revision=section.revision, trust_remote_code=section.trust_remote_code, **extra
-        )
-    except Exception as exc:
-        raise _explain_load_failure("the model config", section.name_or_path, exc) from None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=section.trust_remote_code)
+        return auto_class(section.task).from_config(config, trust_remote_code=section.trust_remote_code)

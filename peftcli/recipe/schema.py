@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from peftcli.recipe.base import StrictModel
-from peftcli.tuners.registry import all_tuners
+from peftcli.tuners.registry import TASK_TYPES, all_tuners, get_tuner
 
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -56,7 +56,11 @@ class ModelSection(StrictModel):
     trust_remote_code: bool = Field(
         False, description="Allow the model repository to run its own Python code. Off unless you trust it."
     )
-    task: Literal["causal_lm"] = Field("causal_lm", description="What the model is trained to do.")
+    task: Literal["causal_lm", "seq_cls", "token_cls", "seq2seq"] = Field(
+        "causal_lm",
+        description="What the model is trained to do: causal_lm (next-token prediction), seq_cls (one label per "
+        "text), token_cls (one label per word) or seq2seq (an encoder-decoder writes the completion).",
+    )
 
     @field_validator("name_or_path")
     @classmethod
@@ -78,14 +82,27 @@ def _method_union() -> Any:
 
 MethodParams = _method_union()
 
-DataFormat = Literal["chat", "alpaca", "prompt_completion", "text"]
+DataFormat = Literal["chat", "alpaca", "prompt_completion", "text", "classification", "token_classification"]
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "alpaca": ("instruction", "input", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "classification": ("text", "label", "text_pair"),
+    "token_classification": ("tokens", "tags"),
 }
+# Fields a format can do without: alpaca's input, and classification's second text (pair tasks only).
+OPTIONAL_COLUMNS = {"input", "text_pair"}
+GENERATIVE_FORMATS = ("chat", "alpaca", "prompt_completion", "text")
+# The data formats each task reads (text is language modelling only: a seq2seq model needs a prompt).
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "causal_lm": GENERATIVE_FORMATS,
+    "seq2seq": ("prompt_completion", "alpaca", "chat"),
+    "seq_cls": ("classification",),
+    "token_cls": ("token_classification",),
+}
+CLASSIFICATION_TASKS = ("seq_cls", "token_cls")
 
 
 class DataSource(StrictModel):
@@ -94,7 +111,8 @@ class DataSource(StrictModel):
     path: str = Field(description="Local file or directory, or a hub dataset name.")
     format: DataFormat = Field(
         description="chat (a list of role/content messages), alpaca (instruction/input/output), "
-        "prompt_completion, or text (plain language modelling)."
+        "prompt_completion, text (plain language modelling), classification (text, label and an optional "
+        "text_pair) or token_classification (tokens: a list of words, tags: one label per word)."
     )
     split: str = Field("train", description="Split to read (hub datasets, or the split a local file becomes).")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
@@ -154,12 +172,32 @@ class DataSection(StrictModel):
     validation: ValidationSpec | None = Field(
         None, description="{fraction: 0.05} to hold out part of train, or a data source of its own."
     )
-    max_length: int = Field(1024, gt=8, description="Examples are truncated to this many tokens.")
+    max_length: int = Field(
+        1024, gt=8, description="Examples are truncated to this many tokens (seq2seq: inputs and targets each)."
+    )
+    labels: list[str | int] | None = Field(
+        None,
+        description="seq_cls and token_cls: the label names in id order (id 0 first). Data labels are matched "
+        "by value (numbers by their decimal form). Default: the sorted distinct labels of data.train.",
+    )
     mask_prompt: bool = Field(
         True,
         description="Compute the loss on completions and assistant turns only; false trains on every token.",
     )
     shuffle_seed: int | None = Field(None, description="Seed of the validation split; defaults to training.seed.")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_are_distinct(cls, value: list[str | int] | None) -> list[str | int] | None:
+        if value is None:
+            return None
+        names = [str(label) for label in value]
+        if len(names) < 2:
+            raise ValueError("a classifier needs at least two labels")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"labels listed twice: {', '.join(repeated)}")
+        return value
 
 
 class EvalGeneration(StrictModel):
@@ -250,4 +288,38 @@ class Recipe(StrictModel):
             source = self.data.validation if isinstance(self.data.validation, DataSource) else self.data.train
             if source.format == "text":
                 raise ValueError("training.eval_generation needs prompts; format text has none")
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_data_and_method(self) -> Recipe:
+        task = self.model.task
+        sources = [("data.train", self.data.train)]
+        if isinstance(self.data.validation, DataSource):
+            sources.append(("data.validation", self.data.validation))
+        allowed = TASK_FORMATS[task]
+        for key, source in sources:
+            if source.format not in allowed:
+                choices = " or ".join(filter(None, [", ".join(allowed[:-1]), allowed[-1]]))
+                raise ValueError(f"{key}.format: model.task {task} reads format {choices}, not {source.format}")
+            if task == "seq2seq" and source.prompt_style == "chat":
+                raise ValueError(
+                    f"{key}.prompt_style: chat templates are for causal_lm; model.task seq2seq feeds the encoder "
+                    "plain text (use auto or plain)"
+                )
+        if self.data.labels is not None and task not in CLASSIFICATION_TASKS:
+            raise ValueError(f"data.labels: only for model.task seq_cls or token_cls, not {task}")
+        if self.training.eval_generation is not None and task not in ("causal_lm", "seq2seq"):
+            raise ValueError(
+                f"training.eval_generation: generation needs model.task causal_lm or seq2seq, not {task}; "
+                "classification runs report accuracy instead"
+            )
+        spec = get_tuner(self.method.name)
+        if task not in spec.capabilities.task_types:
+            supported = ", ".join(t for t in TASK_TYPES if t in spec.capabilities.task_types)
+            raise ValueError(f"model.task: method {spec.name} does not support {task}; it supports {supported}")
+        if self.training.activation_checkpointing and not spec.capabilities.activation_checkpointing:
+            raise ValueError(
+                f"training.activation_checkpointing: method {spec.name} does not work with activation "
+                "checkpointing; set it to false"
+            )
         return self
