@@ -25,7 +25,8 @@ def targets(
     from peftcli.tuners.protocol import AdapterContext
 
     recipe = load_recipe(recipe_file, overrides)
-    model = build_empty_model(recipe.model)
+    labels = [str(label) for label in recipe.data.labels] if recipe.data.labels else None
+    model = build_empty_model(recipe.model, **({"label_names": labels} if labels else {}))
     context = AdapterContext(task=recipe.model.task, total_steps=recipe.training.max_steps)
     info = apply_adapter(model, recipe.method, context)
     console = Console()

@@ -48,6 +48,8 @@ def decoder_inputs(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Te
 def forward_logits(model, batch: dict, task: str, config) -> torch.Tensor:
     """Run the model on a batch the way its task needs (decoder inputs for seq2seq, no cache anywhere)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch:  # sentence pairs for BERT-style encoders
+        inputs["token_type_ids"] = batch["token_type_ids"]
     if task == "seq2seq":
         start = config.decoder_start_token_id
         inputs["decoder_input_ids"] = decoder_inputs(batch["labels"], start, config.pad_token_id)
