@@ -120,3 +120,49 @@ def unfreeze_modules_to_save(model: nn.Module, names: list[str], adapted: list[s
             param.requires_grad_(True)
             param_names.append(f"{name}.{pname}")
     return param_names
+
+
+class WrappedLinear(nn.Module):
+    """A frozen base linear layer wrapped by a method's layer: the base's sizes and weight, as callers expect."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+
+class AdditiveLinear(WrappedLinear):
+    """A wrapped linear layer whose method adds `delta_weight()` (fp32) to the base weight when merged."""
+
+    def delta_weight(self):
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Fold the update into the base weight (once; merging twice is a no-op)."""
+        self._shift(+1)
+
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight."""
+        self._shift(-1)
+
+    def _shift(self, sign: int) -> None:
+        import torch
+
+        if self.merged == (sign > 0):
+            return
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight.data = (weight.data.float() + sign * self.delta_weight().to(weight.device)).to(weight.dtype)
+        self.merged = sign > 0

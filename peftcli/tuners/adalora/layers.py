@@ -19,19 +19,18 @@ from torch import nn
 from peftcli.errors import AdapterError, PeftCliError
 from peftcli.tuners.adalora.spec import SPEC, AdaLoraParams
 from peftcli.tuners.adapter import HF_KEY_PREFIX
-from peftcli.tuners.inject import find_targets, replace_module
+from peftcli.tuners.inject import AdditiveLinear, find_targets, replace_module
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 
 STATE_ATTR = "peftcli_adalora"
 _FACTORS = ("lora_A", "lora_B", "lora_E")
 
 
-class AdaLoraLinear(nn.Module):
+class AdaLoraLinear(AdditiveLinear):
     """A frozen linear layer plus a trainable SVD-form update P diag(E) Q of rank init_r."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, device=device, dtype=torch.float32))
@@ -43,41 +42,10 @@ class AdaLoraLinear(nn.Module):
         self.register_buffer("ranknum", torch.full((1,), float(r), device=device), persistent=False)
         self.scaling = alpha
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
         """The update this adapter adds to the base weight, scaled, in fp32."""
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight (once; merging twice is a no-op)."""
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.data = (weight.data.float() + self.delta_weight().to(weight.device)).to(weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of the base weight."""
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.data = (weight.data.float() - self.delta_weight().to(weight.device)).to(weight.dtype)
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

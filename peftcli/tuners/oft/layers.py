@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import PeftCliError
-from peftcli.tuners.inject import find_targets, replace_module
+from peftcli.tuners.inject import WrappedLinear, find_targets, replace_module
 from peftcli.tuners.oft.spec import SPEC, OftParams
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 
@@ -115,26 +115,12 @@ class OftRotation(nn.Module):
         return torch.einsum("...rk,rkc->...rc", blocks, rotations).reshape(shape)
 
 
-class OftLinear(nn.Module):
+class OftLinear(WrappedLinear):
     """A frozen linear layer whose input is first rotated by a trainable block-diagonal orthogonal matrix."""
 
     def __init__(self, base_layer: nn.Linear, blocks: int, block_size: int, params: OftParams):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.oft_R = OftRotation(blocks, block_size, params, base_layer.weight.device)
-        self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def _apply_blocks(self, blocks: torch.Tensor) -> None:
         # W' = W R^T blockwise, i.e. each slice of W's columns times its block's transpose, in fp32.

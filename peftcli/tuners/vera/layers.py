@@ -15,7 +15,7 @@ from torch import nn
 
 from peftcli.errors import AdapterError
 from peftcli.tuners.adapter import HF_KEY_PREFIX, adapter_info
-from peftcli.tuners.inject import find_targets, replace_module
+from peftcli.tuners.inject import AdditiveLinear, find_targets, replace_module
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.vera.spec import SPEC, VeraParams
 
@@ -44,31 +44,17 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_B", vera_b.to(device), persistent=False)
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(AdditiveLinear):
     """A frozen linear layer plus VeRA's two trainable vectors; the projections are shared, not owned."""
 
     def __init__(self, base_layer: nn.Linear, projections: VeraProjections, r: int, d_initial: float, dropout: float):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         device = base_layer.weight.device
         # A plain list keeps the shared module out of this layer's children (it is registered once, on the root).
         self._shared = [projections]
         self.vera_lambda_b = nn.Parameter(torch.zeros(base_layer.out_features, device=device, dtype=torch.float32))
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=device, dtype=torch.float32))
         self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     def sliced_projections(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's views of the shared A (r x in) and B (out x r), on `device`."""
@@ -79,24 +65,6 @@ class VeraLinear(nn.Module):
         """The update this adapter adds to the base weight, in fp32."""
         sliced_a, sliced_b = self.sliced_projections(self.vera_lambda_d.device)
         return (self.vera_lambda_b.unsqueeze(-1) * sliced_b) @ (self.vera_lambda_d.unsqueeze(-1) * sliced_a)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight (once; merging twice is a no-op)."""
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.data = (weight.data.float() + self.delta_weight().to(weight.device)).to(weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of the base weight."""
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        weight.data = (weight.data.float() - self.delta_weight().to(weight.device)).to(weight.dtype)
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
