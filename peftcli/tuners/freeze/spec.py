@@ -61,15 +61,6 @@ class FreezeParams(StrictModel):
         return self
 
 
-# adapter_config.json keys that are not FreezeParams fields: the common ones, and modules_to_save, where the
-# saved config lists the task head (trained in full, found again from the model when the adapter loads).
-_NOT_PARAMS = {"peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping"}
-
-
-def _from_config(config: dict) -> FreezeParams:
-    return FreezeParams(**{k: v for k, v in config.items() if k not in _NOT_PARAMS and k != "modules_to_save"})
-
-
 SPEC = register_tuner(
     TunerSpec(
         name="freeze",
@@ -83,6 +74,5 @@ SPEC = register_tuner(
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.freeze.layers",
-        from_hf_config=_from_config,
     )
 )

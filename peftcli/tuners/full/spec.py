@@ -31,15 +31,6 @@ class FullParams(StrictModel):
         return value if value is None else check_target_spec(value)
 
 
-# adapter_config.json keys that are not FullParams fields: the common ones, and modules_to_save, where the
-# saved config lists the task head (trained in full, found again from the model when the adapter loads).
-_NOT_PARAMS = {"peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping"}
-
-
-def _from_config(config: dict) -> FullParams:
-    return FullParams(**{k: v for k, v in config.items() if k not in _NOT_PARAMS and k != "modules_to_save"})
-
-
 SPEC = register_tuner(
     TunerSpec(
         name="full",
@@ -53,6 +44,5 @@ SPEC = register_tuner(
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.full.layers",
-        from_hf_config=_from_config,
     )
 )
