@@ -83,6 +83,8 @@ class RichReporter:
             f"effective batch {plan['effective_batch_size']} ({plan['world_size']} process(es)); "
             f"{plan['total_steps']} steps on {plan['device']}, mixed precision {plan['precision']}"
         )
+        if plan.get("quantization"):
+            c.print(f"base quantized: {plan['quantization']}; optimizer {plan['optimizer']}", highlight=False)
         if stats["truncated"] or stats["dropped_no_labels"]:
             c.print(
                 f"[yellow]note[/yellow]: {stats['truncated']} training examples truncated to data.max_length, "

@@ -172,7 +172,7 @@ def _set_pad_id(section: ModelSection, config, pad_token_id: int | None) -> None
 
 def load_base_model(
     section: ModelSection,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
     *,
     num_labels: int | None = None,
     label_names: list[str] | None = None,
@@ -197,9 +197,8 @@ def load_base_model(
         kwargs["dtype"] = torch.float32  # GGUF is dequantized; fp32 keeps every bit it had
     else:
         kwargs["dtype"] = auto_dtype()
-    if device_map is not None:
-        kwargs["device_map"] = device_map
     _quiet_transformers()
+    config = None
     if section.task != "causal_lm":
         config = _load_config(section)
         _check_task(section, config)
@@ -207,6 +206,18 @@ def load_base_model(
         _set_pad_id(section, config, pad_token_id)
         # The head is the task's own: a checkpoint head of another size (or none) is initialised afresh.
         kwargs.update(config=config, ignore_mismatched_sizes=True)
+    if section.quantization is not None:
+        from peftcli.models.quantize import bitsandbytes_config, kept_in_float
+
+        config = config if config is not None else _load_config(section)
+        with torch.device("meta"):
+            empty = auto_class(section.task).from_config(config, trust_remote_code=section.trust_remote_code)
+        keep = kept_in_float(empty, section.quantization)
+        kwargs["quantization_config"] = bitsandbytes_config(section.quantization, keep)
+        # bitsandbytes quantizes as the weights reach their device, so the model is placed while loading.
+        device_map = device_map if device_map is not None else {"": default_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = auto_class(section.task).from_pretrained(source, **kwargs)
     except Exception as exc:
@@ -218,8 +229,34 @@ def load_base_model(
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
+    if section.quantization is not None:
+        from peftcli.models.quantize import prepare_quantized_model
+
+        prepare_quantized_model(model, section.quantization)
     model.config.use_cache = False
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant), with input grads on.
+
+    transformers renamed gradient_checkpointing_enable to activation_checkpointing_enable during v5; either
+    is used, whichever the installed version has. The frozen embedding output must carry grad into the
+    checkpointed blocks, or adapters inside them get none.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def default_device() -> str:
+    """Where a model is placed when nobody says: this process's GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 def build_empty_model(

@@ -37,6 +37,53 @@ def _check_local_path(value: str, what: str) -> str:
     return value  # a hub id; resolved when loaded
 
 
+class QuantizationSection(StrictModel):
+    """Load the frozen base through bitsandbytes: 4-bit (QLoRA) or 8-bit (LLM.int8) linear layers.
+
+    Adapters stay in fp32 on top; the output head, the task head and the norms stay unquantized.
+    """
+
+    bits: Literal[4, 8] = Field(description="4 (NF4/FP4 blocks, QLoRA) or 8 (LLM.int8 with outlier columns).")
+    quant_type: Literal["nf4", "fp4"] | None = Field(
+        None, description="4-bit only: nf4 (normal-float, the QLoRA default) or fp4. Default nf4."
+    )
+    double_quant: bool | None = Field(
+        None, description="4-bit only: also quantize the block scales (saves about 0.4 bit per weight). Default true."
+    )
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="4-bit only: dtype the dequantized blocks are multiplied in; auto picks bf16 on a GPU or a "
+        "CPU with native bf16, else fp32.",
+    )
+    storage_dtype: Literal["uint8", "bf16", "fp16", "fp32"] | None = Field(
+        None,
+        description="4-bit only: dtype the packed weights are stored as; FSDP needs it equal to the model dtype. "
+        "Default uint8.",
+    )
+    outlier_threshold: float | None = Field(
+        None, gt=0, description="8-bit only: activations above this stay in 16 bits (LLM.int8). Default 6.0."
+    )
+    skip_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules (suffix of the name) to keep unquantized, on top of the output and task heads.",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_bits(self) -> QuantizationSection:
+        if self.bits == 8:
+            four_bit = [k for k in ("quant_type", "double_quant", "storage_dtype") if getattr(self, k) is not None]
+            if self.compute_dtype != "auto":
+                four_bit.append("compute_dtype")
+            if four_bit:
+                raise ValueError(
+                    f"{', '.join(four_bit)}: 4-bit option{'s' if len(four_bit) > 1 else ''}, but bits is 8; "
+                    "remove it or set bits: 4"
+                )
+        elif self.outlier_threshold is not None:
+            raise ValueError("outlier_threshold: an 8-bit option, but bits is 4; remove it or set bits: 8")
+        return self
+
+
 class ModelSection(StrictModel):
     """The base model and its tokenizer."""
 
@@ -60,6 +107,10 @@ class ModelSection(StrictModel):
         "causal_lm",
         description="What the model is trained to do: causal_lm (next-token prediction), seq_cls (one label per "
         "text), token_cls (one label per word) or seq2seq (an encoder-decoder writes the completion).",
+    )
+    quantization: QuantizationSection | None = Field(
+        None,
+        description="Quantize the frozen base with bitsandbytes on load (QLoRA: {bits: 4}); null keeps it as is.",
     )
 
     @field_validator("name_or_path")
@@ -229,7 +280,12 @@ class TrainingSection(StrictModel):
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2.")
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (torch AdamW).")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="adamw (torch), adamw_8bit (bitsandbytes, 8-bit moments: about a quarter of the state memory), "
+        "paged_adamw / paged_adamw_8bit (bitsandbytes, state in CUDA unified memory that pages out under "
+        "pressure instead of running out).",
+    )
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule.")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps (or use warmup_ratio).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a share of all steps.")
@@ -266,6 +322,13 @@ class OutputSection(StrictModel):
     @classmethod
     def _expand(cls, value: str) -> str:
         return os.path.expanduser(value)
+
+
+def quantized_refusal(spec) -> str:
+    """Why a method cannot train on a quantized base."""
+    if spec.capabilities.kind == "trains_base":
+        return "it trains base weights, which bitsandbytes stores as frozen integer blocks"
+    return spec.extra.get("quantized_refusal", "its layers need the base weights in floating point")
 
 
 class Recipe(StrictModel):
@@ -317,6 +380,22 @@ class Recipe(StrictModel):
         if task not in spec.capabilities.task_types:
             supported = ", ".join(t for t in TASK_TYPES if t in spec.capabilities.task_types)
             raise ValueError(f"model.task: method {spec.name} does not support {task}; it supports {supported}")
+        if self.model.quantization is not None and self.model.name_or_path.lower().endswith(".gguf"):
+            raise ValueError(
+                "model.quantization: a .gguf base is already quantized in its own format and is dequantized on "
+                "load; bitsandbytes quantizes Hugging Face checkpoints, so point model.name_or_path at one "
+                "(or drop model.quantization)"
+            )
+        if self.model.quantization is not None and not spec.capabilities.quantized_base:
+            able = ", ".join(name for name, other in all_tuners().items() if other.capabilities.quantized_base)
+            raise ValueError(
+                f"model.quantization: method {spec.name} cannot train on a quantized base "
+                f"({quantized_refusal(spec)}); drop model.quantization or use one of {able}"
+            )
+        check = spec.extra.get("quantized_check")
+        problem = check(self.method) if self.model.quantization is not None and check else None
+        if problem:
+            raise ValueError(problem)
         if self.training.activation_checkpointing and not spec.capabilities.activation_checkpointing:
             raise ValueError(
                 f"training.activation_checkpointing: method {spec.name} does not work with activation "

@@ -24,7 +24,8 @@ import peftcli
 from peftcli.data.collate import PadCollator
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import PeftCliError
-from peftcli.models.load import load_base_model, load_tokenizer
+from peftcli.models.load import enable_activation_checkpointing, load_base_model, load_tokenizer
+from peftcli.models.quantize import describe_quantization
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import install_adapter_only_hooks, read_trainer_state, write_trainer_state
@@ -41,6 +42,7 @@ from peftcli.train.output_dir import (
 )
 from peftcli.tuners.adapter import apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
+from peftcli.tuners.quantized import parameter_count
 from peftcli.tuners.registry import load_implementation
 
 METRICS_FILE = "metrics.jsonl"
@@ -180,14 +182,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
 
     reporter.message("loading the base model")
     label_names = getattr(data, "label_names", None)
-    model = load_base_model(recipe.model, **({"label_names": label_names} if label_names else {}))
+    placement = {"device_map": {"": str(accelerator.device)}} if recipe.model.quantization is not None else {}
+    model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
     info = apply_adapter(model, recipe.method, AdapterContext(task=task, tokenizer=tokenizer, total_steps=total_steps))
     method = load_implementation(recipe.method.name)
     if training.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # the frozen embedding output must carry grad into checkpoints
+        enable_activation_checkpointing(model)
     trainable = info.trainable_count(model)
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = sum(parameter_count(p) for p in model.parameters())
 
     method_groups = method.optimizer_groups(model, recipe.method) if hasattr(method, "optimizer_groups") else None
     optimizer = build_optimizer(model, training, method_groups)
@@ -274,6 +276,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             "total_params": total_params,
             "targeted_modules": len(info.targeted),
             "precision": accelerator.mixed_precision,
+            "quantization": describe_quantization(unwrapped),
+            "optimizer": training.optimizer,
             "task": task,
             "label_names": label_names,
             "device": str(accelerator.device),
@@ -367,6 +371,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         tokenizer.save_pretrained(out_dir)
         summary = _summary(recipe, out_dir, state, total_steps, micro_per_epoch, trainable, total_params, world)
         summary["effective_batch_size"] = effective_batch
+        summary["quantization"] = describe_quantization(unwrapped)
+        summary["optimizer"] = training.optimizer
         summary["task"] = task
         summary["label_names"] = label_names
         summary["majority_class_rate"] = majority_class_rate(data.validation, task)

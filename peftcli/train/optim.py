@@ -13,7 +13,8 @@ from peftcli.recipe.schema import TrainingSection
 def build_optimizer(
     model: nn.Module, training: TrainingSection, method_groups: list[dict] | None = None
 ) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms, scales).
+    """AdamW (training.optimizer picks torch's or a bitsandbytes one) over the trainable parameters; no weight
+    decay on vectors (biases, norms, scales).
 
     `method_groups` (from a method's `optimizer_groups`, e.g. LoRA+) give some parameters their own learning
     rate, `lr_scale` times the recipe's; every other trainable parameter gets the recipe's rate.
@@ -35,7 +36,21 @@ def build_optimizer(
         }
         for (scale, decays), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
     ]
-    return torch.optim.AdamW(groups, lr=training.learning_rate, betas=training.betas)
+    return optimizer_class(training.optimizer)(groups, lr=training.learning_rate, betas=training.betas)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class for training.optimizer; the 8-bit and paged ones come from bitsandbytes."""
+    if name == "adamw":
+        return torch.optim.AdamW
+    from peftcli.models.quantize import require_bitsandbytes
+
+    bnb = require_bitsandbytes(f"training.optimizer: {name}")
+    return {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[name]
 
 
 def warmup_steps(training: TrainingSection, total_steps: int) -> int:

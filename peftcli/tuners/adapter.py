@@ -19,6 +19,7 @@ import peftcli
 from peftcli.errors import AdapterError
 from peftcli.tuners.inject import TASK_HEAD_NAMES, freeze, task_head_names, unfreeze_modules_to_save
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.quantized import is_quantized, quantized_kind, quantized_layer_names
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
 HF_KEY_PREFIX = "base_model.model."
@@ -53,6 +54,11 @@ def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext |
     """
     if getattr(model, "peftcli_adapter", None) is not None:
         raise AdapterError("this model already carries an adapter; peftcli keeps one adapter per model")
+    spec = get_tuner(params.name)
+    if quantized_layer_names(model) and not spec.capabilities.quantized_base:
+        raise AdapterError(
+            f"model.quantization: method {params.name} cannot train on a quantized base; load the base unquantized"
+        )
     context = context or AdapterContext()
     implementation = load_implementation(params.name)
     was_training = model.training
@@ -233,6 +239,14 @@ def merge_adapter(model: nn.Module) -> None:
         raise AdapterError(merge_refusal(info.method))
     if spec.capabilities.kind == "trains_base":
         return
+    on_quantized = [name for name, module in model.named_modules() if is_quantized(getattr(module, "base_layer", None))]
+    if on_quantized:
+        raise AdapterError(
+            f"cannot merge in memory: {on_quantized[0]} (and {len(on_quantized) - 1} more) wraps a "
+            f"{quantized_kind(model.get_submodule(on_quantized[0]).base_layer)} quantized layer, and folding the "
+            "update into integer blocks would round most of it away; merge into the unquantized base with "
+            "`peft merge` instead"
+        )
     load_implementation(info.method).merge_all(model)
 
 

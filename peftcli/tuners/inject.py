@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from peftcli.errors import PeftCliError
+from peftcli.tuners.quantized import is_quantized
 from peftcli.tuners.targets import ALL_LINEAR, select_targets, short_names, unmatched_entries
 
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
@@ -113,6 +114,12 @@ def unfreeze_modules_to_save(model: nn.Module, names: list[str], adapted: list[s
         raise PeftCliError(
             f"method.modules_to_save: {', '.join(clash)} is also adapted by target_modules; "
             "exclude it there (exclude_modules) or leave it out of modules_to_save"
+        )
+    quantized = [m for m in matched for sub in model.get_submodule(m).modules() if is_quantized(sub)]
+    if quantized:
+        raise PeftCliError(
+            f"method.modules_to_save: {quantized[0]} is quantized by model.quantization, so it cannot be trained "
+            "in full; list it in model.quantization.skip_modules to keep it in floating point"
         )
     param_names = []
     for name in matched:

@@ -20,6 +20,7 @@ from torch import nn
 
 from peftcli.errors import PeftCliError
 from peftcli.tuners.inject import find_targets, replace_module
+from peftcli.tuners.quantized import weight_shape
 
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 
@@ -75,7 +76,7 @@ class LycorisLayer(nn.Module):
     @property
     def kernel(self) -> tuple[int, ...]:
         """The base weight's kernel dimensions: () for Linear, (k,) for Conv1d, (kh, kw) for Conv2d."""
-        return tuple(self.base_layer.weight.shape[2:])
+        return tuple(weight_shape(self.base_layer)[2:])
 
     def add_factor(self, name: str, *shape: int) -> None:
         """Register a trainable fp32 factor on the base layer's device (values are set by the init)."""
@@ -92,7 +93,7 @@ class LycorisLayer(nn.Module):
 
     def delta_weight(self, rank_drop: bool = False) -> torch.Tensor:
         """ΔW in the base weight's shape, fp32; with `rank_drop`, rows dropped as HF PEFT does in training."""
-        weight = self.build_delta().reshape(self.base_layer.weight.shape)
+        weight = self.build_delta().reshape(weight_shape(self.base_layer))
         if rank_drop:
             keep = (torch.rand(weight.shape[0], device=weight.device) > self.rank_dropout).to(weight.dtype)
             if self.rank_dropout_scale:

@@ -88,3 +88,41 @@ def test_train_on_a_gguf_base(tmp_path):
     config = json.loads((Path(out) / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(gguf)
     assert len(config["target_modules"]) == 60  # 30 layers x (q_proj, v_proj)
+
+
+def test_qlora_quickstart_trains_on_the_4bit_real_model(tmp_path):
+    """recipes/quickstart-qlora.yaml for two steps, with an evaluation and a generation before them."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.tuners.adapter import load_adapter
+
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    result = run_cli(
+        "train",
+        str(REPO / "recipes" / "quickstart-qlora.yaml"),
+        "--set", "training.max_steps=2",
+        "--set", "training.eval_generation.prompts=1",
+        "--set", "training.eval_generation.max_new_tokens=8",
+        "--set", "training.save_every=null",
+        "--set", "data.validation.max_samples=4",
+        "--set", "data.max_length=256",
+        "--set", f"output.dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "base quantized: nf4 (4-bit, double quantization" in " ".join(result.stderr.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["optimizer"] == "adamw_8bit"
+    assert math.isfinite(summary["eval_after"]["eval_loss"])
+    # Evaluation and generation ran before the first step: had they broken the 4-bit backward pass, some
+    # B factors would still be zero after two steps.
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    b_factors = [t for k, t in tensors.items() if ".lora_B." in k]
+    assert len(b_factors) == 30 * 7 and all(float(t.abs().max()) > 0 for t in b_factors)
+    # The QLoRA adapter is an ordinary adapter: it loads onto the unquantized base.
+    base_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    info = load_adapter(plain, out)
+    assert info.method == "lora" and len(info.targeted) == 210

@@ -70,7 +70,7 @@ def test_registered_with_honest_capabilities():
     assert spec is SPEC and spec.in_hf_peft and spec.peft_type == "IA3"
     assert tuner_for_peft_type("IA3") is spec
     caps = spec.capabilities
-    assert caps.kind == "wraps_layers" and caps.mergeable and not caps.quantized_base
+    assert caps.kind == "wraps_layers" and caps.mergeable and caps.quantized_base
     assert set(caps.layer_types) == {"Linear", "Conv2d"}
     assert set(caps.task_types) == {"causal_lm", "seq_cls", "token_cls", "seq2seq"}
 

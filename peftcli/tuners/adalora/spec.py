@@ -196,7 +196,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear",),
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             # Rank allocation reads every adapter parameter's full gradient after the optimizer step; ZeRO-3
             # and FSDP keep only a shard of it on each rank (HF PEFT needs DeepSpeed's own gather for this),
             # and the pruning masks must then be identical on every rank. Untested there, so not claimed.

@@ -95,7 +95,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear",),
             mergeable=False,
-            quantized_base=False,
+            quantized_base=True,
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.bottleneck.layers",

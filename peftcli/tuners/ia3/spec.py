@@ -149,7 +149,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear", "Conv2d"),
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.ia3.layers",

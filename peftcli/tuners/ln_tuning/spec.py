@@ -63,7 +63,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=(),  # normalisation layers, found by class name rather than by LAYER_TYPES
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             # The trainable copy is made from the base layer's tensors, which ZeRO-3 has already partitioned.
             zero3_safe=False,
         ),

@@ -8,11 +8,14 @@ which is zero, so ΔW = 0 at the start.
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from peftcli.tuners.loha.spec import LohaParams
 from peftcli.tuners.lycoris import LycorisLayer, kaiming_, merge_layers, tucker_rebuild, wrap_targets
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.quantized import weight_shape
 
 
 class LohaLayer(LycorisLayer):
@@ -29,7 +32,7 @@ class LohaLayer(LycorisLayer):
     ):
         # HF PEFT always rescales the rows kept by LoHa's rank dropout.
         super().__init__(base_layer, r, alpha, rank_dropout, module_dropout, rank_dropout_scale=True)
-        out_dim, in_dim, *kernel = base_layer.weight.shape
+        out_dim, in_dim, *kernel = weight_shape(base_layer)
         self.tucker = use_effective_conv2d and any(k != 1 for k in kernel)
         if self.tucker:
             kh, kw = (*kernel, 1)[:2]  # a Conv1d kernel k is handled as (k, 1)
@@ -38,7 +41,7 @@ class LohaLayer(LycorisLayer):
                 self.add_factor(f"hada_w{i}_a", r, out_dim)
                 self.add_factor(f"hada_w{i}_b", r, in_dim)
         else:
-            flat_in = base_layer.weight[0].numel()
+            flat_in = math.prod(weight_shape(base_layer)[1:])
             for i in ("1", "2"):
                 self.add_factor(f"hada_w{i}_a", out_dim, r)
                 self.add_factor(f"hada_w{i}_b", r, flat_in)

@@ -17,6 +17,7 @@ from torch import nn
 from peftcli.tuners.lokr.spec import LokrParams, factorization
 from peftcli.tuners.lycoris import LycorisLayer, kaiming_, merge_layers, tucker_rebuild, wrap_targets
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.quantized import weight_shape
 
 
 class LokrLayer(LycorisLayer):
@@ -36,7 +37,7 @@ class LokrLayer(LycorisLayer):
         init: str = "default",
     ):
         super().__init__(base_layer, r, alpha, rank_dropout, module_dropout, rank_dropout_scale)
-        out_dim, in_dim, *kernel = base_layer.weight.shape
+        out_dim, in_dim, *kernel = weight_shape(base_layer)
         a, b = factorization(out_dim, decompose_factor)
         c, d = factorization(in_dim, decompose_factor)
 

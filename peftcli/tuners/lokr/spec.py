@@ -159,7 +159,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear", "Conv1d", "Conv2d"),
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.lokr.layers",

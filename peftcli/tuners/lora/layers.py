@@ -26,6 +26,7 @@ from peftcli.tuners.lora.modules import (
 from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
 from peftcli.tuners.lora.spec import SPEC, LoraParams, changes_base
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.quantized import is_quantized, quantized_kind
 from peftcli.tuners.targets import ALL_LINEAR
 
 __all__ = [  # the layer classes are re-exported: other code reaches LoRA through this module
@@ -123,6 +124,11 @@ def _check_layer(name: str, base: nn.Module, params: LoraParams, r: int, sharers
         raise PeftCliError(
             f"method.init: {name}'s weight is partitioned (DeepSpeed ZeRO-3), and {params.init} needs the whole "
             "weight to start from; use ZeRO-2, or init: default"
+        )
+    if changes_base(params.init) and is_quantized(base):
+        raise PeftCliError(
+            f"method.init: {params.init} rewrites {name}'s weight, which is quantized ({quantized_kind(base)}); "
+            "use init: default, or train without model.quantization"
         )
     if changes_base(params.init) and isinstance(base, nn.Linear):
         if not weight.is_floating_point():

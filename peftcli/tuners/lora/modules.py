@@ -19,6 +19,7 @@ from peftcli.errors import PeftCliError
 from peftcli.tuners.lora.init import decompose
 from peftcli.tuners.lora.spec import changes_base
 from peftcli.tuners.lora.variants import DORA, PLAIN
+from peftcli.tuners.quantized import float_weight
 
 ADAPTER_DTYPE = torch.float32  # A, B and magnitudes are created in fp32 whatever the base dtype
 
@@ -213,7 +214,7 @@ class LoraLinear(LoraLayer):
         return result if bias is None else result - bias
 
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.base_layer.weight.to(x.dtype))
+        return F.linear(x, float_weight(self.base_layer).to(x.dtype))
 
 
 class LoraEmbedding(LoraLayer):

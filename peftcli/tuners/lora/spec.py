@@ -258,6 +258,16 @@ def _from_hf_config(cfg: dict) -> LoraParams:
     )
 
 
+def _quantized_check(params: LoraParams) -> str | None:
+    """PiSSA/OLoRA rewrite the base weight to the residual, which a frozen quantized base cannot take."""
+    if changes_base(params.init):
+        return (
+            f"method.init: {params.init} rewrites the base weights, which model.quantization keeps as frozen "
+            "integer blocks; use init: default or gaussian, or train without quantization"
+        )
+    return None
+
+
 SPEC = register_tuner(
     TunerSpec(
         name="lora",
@@ -267,7 +277,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear", "Embedding", "Conv1d", "Conv2d"),
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             zero3_safe=True,
         ),
         implementation="peftcli.tuners.lora.layers",
@@ -275,5 +285,6 @@ SPEC = register_tuner(
         in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
+        extra={"quantized_check": _quantized_check},
     )
 )

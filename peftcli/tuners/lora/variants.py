@@ -4,13 +4,16 @@ A variant only talks to the layer through a few geometry methods that each layer
 `delta_weight()` (the scaled update shaped like the base weight, fp32), `weight_norm(w)` (DoRA's norm per
 output feature, shaped like the magnitude), `weight_factor(f)` (a magnitude-shaped tensor viewed so it scales
 the weight per output feature), `output_without_bias(result)` and `base_output(x)` (the base layer's
-product without its bias).
+product without its bias). DoRA reads the base weight through `float_weight`, which dequantizes a
+bitsandbytes layer.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from peftcli.tuners.quantized import float_weight, weight_shape
 
 
 class PlainLora:
@@ -49,14 +52,14 @@ class Dora:
         weight = layer.base_layer.weight
         with torch.no_grad():
             if weight.is_meta:
-                magnitude = layer.weight_norm(torch.empty(weight.shape, device="meta"))
+                magnitude = layer.weight_norm(torch.empty(weight_shape(layer.base_layer), device="meta"))
             else:
-                magnitude = layer.weight_norm(weight.float() + layer.delta_weight())
+                magnitude = layer.weight_norm(float_weight(layer.base_layer) + layer.delta_weight())
         layer.lora_magnitude_vector = nn.Parameter(magnitude.float().contiguous())
 
     def _current_norm(self, layer) -> torch.Tensor:
         with torch.no_grad():
-            return layer.weight_norm(layer.base_layer.weight.float() + layer.delta_weight())
+            return layer.weight_norm(float_weight(layer.base_layer) + layer.delta_weight())
 
     def output_delta(self, layer, x, dropped_x, result, lora_out: torch.Tensor) -> torch.Tensor:
         """What the branch adds to the base output: (m/n - 1)·(W x) + (m/n)·s·B A x."""

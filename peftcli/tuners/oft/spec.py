@@ -178,7 +178,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear",),
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             # Its only parameter is read inside the forward of the submodule that owns it (oft_R), which is
             # what ZeRO-3's gather-on-forward hooks need.
             zero3_safe=True,

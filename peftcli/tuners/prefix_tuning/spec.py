@@ -71,7 +71,7 @@ SPEC = register_tuner(
             layer_types=(),
             task_types=("causal_lm", "seq_cls", "seq2seq"),
             mergeable=False,
-            quantized_base=False,
+            quantized_base=True,
             zero3_safe=True,
             # The prefix lives in the attention cache, which recomputation (checkpointing) would extend twice.
             activation_checkpointing=False,

@@ -76,7 +76,7 @@ SPEC = register_tuner(
             layer_types=(),
             task_types=("causal_lm", "seq_cls", "seq2seq"),
             mergeable=False,
-            quantized_base=False,
+            quantized_base=True,
             zero3_safe=True,
             activation_checkpointing=True,
         ),

@@ -106,7 +106,7 @@ SPEC = register_tuner(
             kind="wraps_layers",
             layer_types=("Linear",),
             mergeable=True,
-            quantized_base=False,
+            quantized_base=True,
             # The shared projections are buffers, which ZeRO-3 does not partition (each rank holds them whole,
             # drawn from the same seed); the trainable vectors are read in the forward of the layer that owns them.
             zero3_safe=True,
