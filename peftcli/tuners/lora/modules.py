@@ -70,6 +70,10 @@ class LoraLayer(nn.Module):
         """The scaled update s·B·A shaped like the base weight, fp32."""
         raise NotImplementedError
 
+    def add_delta_(self, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """weight += sign·s·B·A in place (weight is fp32); returns weight."""
+        return weight.add_(self.delta_weight(), alpha=sign)
+
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's norm of a weight-shaped tensor per output feature, shaped like the magnitude."""
         raise NotImplementedError
@@ -202,6 +206,11 @@ class LoraLinear(LoraLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def add_delta_(self, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        # one fused pass over the weight, no weight-sized temporaries: it is most of a large merge's time
+        a, b = self.lora_A.weight.to(weight.dtype), self.lora_B.weight.to(weight.dtype)
+        return weight.addmm_(b, a, alpha=sign * self.scaling)
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(weight, dim=1)

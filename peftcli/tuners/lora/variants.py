@@ -1,9 +1,10 @@
 """How a LoRA layer applies its update: plain LoRA, or DoRA. A layer holds one of these as its `variant`.
 
 A variant only talks to the layer through a few geometry methods that each layer kind defines:
-`delta_weight()` (the scaled update shaped like the base weight, fp32), `weight_norm(w)` (DoRA's norm per
-output feature, shaped like the magnitude), `weight_factor(f)` (a magnitude-shaped tensor viewed so it scales
-the weight per output feature), `output_without_bias(result)` and `base_output(x)` (the base layer's
+`delta_weight()` (the scaled update shaped like the base weight, fp32), `add_delta_(w, sign)` (the same added
+into w in place), `weight_norm(w)` (DoRA's norm per output feature, shaped like the magnitude), `weight_factor(f)`
+(a magnitude-shaped tensor viewed so it scales the weight per output feature), `output_without_bias(result)`
+and `base_output(x)` (the base layer's
 product without its bias). DoRA reads the base weight through `float_weight`, which dequantizes a
 bitsandbytes layer.
 """
@@ -29,12 +30,12 @@ class PlainLora:
         return lora_out
 
     def merged_weight(self, layer, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight (fp32) with the update folded in."""
-        return weight + layer.delta_weight()
+        """The base weight (fp32, updated in place) with the update folded in."""
+        return layer.add_delta_(weight)
 
     def unmerged_weight(self, layer, weight: torch.Tensor) -> torch.Tensor:
         """The inverse of `merged_weight`."""
-        return weight - layer.delta_weight()
+        return layer.add_delta_(weight, -1.0)
 
 
 class Dora:

@@ -1,0 +1,1 @@
+"""Export trained models to other formats (GGUF for llama.cpp)."""

@@ -1,0 +1,414 @@
+"""`peft merge`: fold a trained adapter into its base checkpoint, one safetensors shard at a time.
+
+The model is never built in memory. Its architecture is built with zero-stride placeholder weights (a
+tensor of any shape backed by one element), the adapter is applied and loaded onto that skeleton, and then
+each base tensor is read from its shard, merged by the adapter layer that wraps it (the same `merge()` the
+layers use in memory, so a merged checkpoint equals the unmerged model), cast and written. Peak memory is
+about one output shard plus the adapter plus the layer being merged.
+
+Output is written to a temporary sibling directory and renamed at the end: a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from torch import nn
+
+from peftcli.errors import AdapterError, ModelError, PeftCliError
+from peftcli.export.base_checkpoint import BaseCheckpoint, base_shards, storage_quantization
+from peftcli.export.safetensors_stream import OutputTensor, ShardSetWriter, split_into_shards
+from peftcli.models.load import DTYPES, build_empty_model, is_gguf
+from peftcli.recipe.schema import ModelSection
+from peftcli.tuners.adapter import (
+    WEIGHTS_NAME,
+    adapter_task,
+    apply_adapter,
+    load_adapter_tensors,
+    merge_refusal,
+    read_adapter_config,
+)
+from peftcli.tuners.protocol import AdapterContext
+from peftcli.tuners.registry import get_tuner
+
+RECIPE_FILE = "recipe.yaml"
+SUMMARY_FILE = "summary.json"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "spiece.model",
+)
+
+
+@dataclass
+class MergeResult:
+    """What `merge_adapter_dir` wrote, for the CLI to report."""
+
+    output: Path
+    method: str
+    base: str
+    dtype: str
+    shards: int
+    tensors: int
+    merged_modules: int
+    bytes_written: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number) :]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise PeftCliError(f"--max-shard-size: {text!r} is not a size (e.g. 2GB, 500MB, 1GiB)") from None
+
+
+# --- the base a run was trained on ----------------------------------------------------------------------------
+
+
+def run_model_section(adapter_dir: Path, base: str | None) -> ModelSection:
+    """The model section of the run's saved recipe, with `--base` replacing its name_or_path.
+
+    Only the model section is validated: the run's data need not exist where the merge runs.
+    """
+    recipe_path = adapter_dir / RECIPE_FILE
+    section: dict = {}
+    if recipe_path.is_file():
+        section = dict((yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}).get("model") or {})
+    if base is not None:
+        section["name_or_path"] = base
+    if not section.get("name_or_path"):
+        _, _, raw = read_adapter_config(adapter_dir)
+        section["name_or_path"] = raw.get("base_model_name_or_path")
+    if not section.get("name_or_path"):
+        raise PeftCliError(f"{adapter_dir}: no {RECIPE_FILE} and no base model recorded; pass --base PATH")
+    section.pop("quantization", None)  # the merge always reads the 16-bit checkpoint
+    try:
+        return ModelSection(**section)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        source = "--base" if base is not None and where == "name_or_path" else f"{recipe_path}: model.{where}"
+        raise PeftCliError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def _trained_quantized(adapter_dir: Path) -> bool:
+    recipe = adapter_dir / RECIPE_FILE
+    if not recipe.is_file():
+        return False
+    model = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model") or {}
+    return bool(model.get("quantization"))
+
+
+def _label_names(adapter_dir: Path) -> list[str] | None:
+    summary = adapter_dir / SUMMARY_FILE
+    if summary.is_file():
+        names = json.loads(summary.read_text(encoding="utf-8")).get("label_names")
+        return [str(n) for n in names] if names else None
+    return None
+
+
+# --- the skeleton -----------------------------------------------------------------------------------------------
+
+
+def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor of the same shape and dtype that owns a single element (every entry aliases it)."""
+    return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+
+
+def build_skeleton(section: ModelSection, label_names: list[str] | None) -> nn.Module:
+    """The architecture with placeholder weights: real CPU tensors, so methods can build their layers on it."""
+    model = build_empty_model(section, label_names=label_names)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = nn.Parameter(_placeholder(param), requires_grad=False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = _placeholder(buffer)
+    return model
+
+
+# --- merging ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Where every checkpoint key of the base goes in the adapted skeleton."""
+
+    wrapped: dict[str, nn.Module]  # checkpoint module prefix -> the adapter layer wrapping it
+    owner_of: dict[str, str]  # checkpoint key -> wrapped prefix, for keys a layer merges
+    replaced: dict[str, torch.Tensor]  # checkpoint key -> the adapter's value (trained in full)
+    new_keys: list[str]  # trained tensors the base checkpoint does not have (a new classification head)
+
+
+def _plan(model: nn.Module, param_names: list[str]) -> _Plan:
+    wrapped = {
+        name: module
+        for name, module in model.named_modules()
+        if name
+        and isinstance(getattr(module, "base_layer", None), nn.Module)
+        and callable(getattr(module, "merge", None))
+    }
+    owner_of = {}
+    for prefix, layer in wrapped.items():
+        for leaf, _ in layer.base_layer.named_parameters(recurse=False):
+            owner_of[f"{prefix}.{leaf}"] = prefix
+    named = dict(model.named_parameters())
+    replaced = {}
+    for name in param_names:
+        if ".base_layer." in name or not any(name.startswith(p + ".") for p in wrapped):
+            key = name.replace(".base_layer.", ".")
+            if key not in owner_of:
+                replaced[key] = named[name].detach()
+    return _Plan(wrapped, owner_of, replaced, new_keys=[])
+
+
+def _check_fit(plan: _Plan, model: nn.Module, keys: dict, base: str) -> None:
+    """Every tensor the adapter merges into must be in the base checkpoint, with the skeleton's shape."""
+    state = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+    for key in plan.owner_of:
+        if key not in keys:
+            raise AdapterError(
+                f"adapter does not fit base {base}: it adapts {key.rsplit('.', 1)[0]}, but the checkpoint has no {key}"
+            )
+        if tuple(state[key].shape) != tuple(keys[key][0]):
+            raise AdapterError(
+                f"adapter does not fit base {base}: {key} is {tuple(keys[key][0])} in the checkpoint, the adapter was "
+                f"trained on {tuple(state[key].shape)}"
+            )
+    for prefix, layer in plan.wrapped.items():
+        sharers = getattr(layer, "shares_weight_with", ())
+        if sharers:
+            raise AdapterError(
+                f"cannot merge: {prefix} shares its weight with {', '.join(sharers)} (tied embeddings), which the "
+                "merge would change too; serve the adapter unmerged instead"
+            )
+
+
+def _output_layout(keys: dict, plan: _Plan, out_dtype: torch.dtype) -> list[OutputTensor]:
+    """Every output tensor in checkpoint order (then tensors the base lacks): floats in the output dtype."""
+    layout = []
+    for key, (shape, dtype) in keys.items():
+        if key in plan.replaced:
+            shape, dtype = plan.replaced[key].shape, plan.replaced[key].dtype
+        layout.append(OutputTensor(key, out_dtype if dtype.is_floating_point else dtype, tuple(shape)))
+    for key in plan.new_keys:
+        value = plan.replaced[key]
+        layout.append(OutputTensor(key, out_dtype if value.is_floating_point() else value.dtype, tuple(value.shape)))
+    return layout
+
+
+def _open_writer(out_dir: Path, layout: list[OutputTensor], max_bytes: int) -> ShardSetWriter:
+    """Shards named as transformers names them, and their index."""
+    shards = split_into_shards(layout, max_bytes)
+    count = len(shards)
+    if count == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        weight_map = {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in layout)}, "weight_map": weight_map}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return ShardSetWriter(out_dir, names, shards)
+
+
+def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merge one wrapped layer on its real base tensors; returns the merged tensors and frees them again."""
+    params = dict(layer.base_layer.named_parameters(recurse=False))
+    for leaf, param in params.items():
+        param.data = base_tensors[f"{prefix}.{leaf}"].to(param.dtype, copy=True)  # merges may write in place
+    layer.merge()
+    merged = {f"{prefix}.{leaf}": param.data for leaf, param in params.items()}
+    layer.merged = False  # the placeholders go back; the layer is not reused
+    if hasattr(layer, "_original"):
+        layer._original = None  # copies some layers keep for an exact unmerge
+    for param in params.values():
+        param.data = _placeholder(param.data)
+    return merged
+
+
+def _open_output(output: Path, overwrite: bool) -> Path:
+    if output.exists() and not overwrite:
+        raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, output: Path) -> None:
+    """Put the finished directory in place; an existing output (with --overwrite) is replaced only now."""
+    if output.exists():
+        old = output.parent / f".{output.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(output)
+
+
+def _copy_side_files(adapter_dir: Path, base_dir: Path | None, out: Path, config, dtype: torch.dtype) -> None:
+    config = config.__class__.from_dict(config.to_dict())
+    config.dtype = dtype
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.use_cache = True
+    config.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        source = adapter_dir / name if (adapter_dir / name).is_file() else (base_dir / name if base_dir else None)
+        if source is not None and source.is_file():
+            shutil.copy2(source, out / name)
+    if base_dir is not None and (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
+
+
+def _gguf_state(section: ModelSection, label_names) -> dict[str, torch.Tensor]:
+    """A GGUF base, dequantized whole (GGUF files are read through transformers; they are small models)."""
+    from peftcli.models.load import load_base_model
+
+    model = load_base_model(section.model_copy(update={"dtype": "fp32"}), label_names=label_names)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def merge_adapter_dir(
+    adapter_dir: str | Path,
+    output: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> MergeResult:
+    """Merge the adapter in `adapter_dir` into its base and write a Hugging Face model directory at `output`."""
+    started = time.perf_counter()
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    method, params, raw = read_adapter_config(adapter_dir)
+    spec = get_tuner(method)
+    if not spec.capabilities.mergeable:
+        raise AdapterError(merge_refusal(method))
+    weights = adapter_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    section = run_model_section(adapter_dir, base)
+    task = adapter_task(raw)
+    if section.task != task:
+        section = section.model_copy(update={"task": task})
+    labels = _label_names(adapter_dir)
+    notes = []
+
+    skeleton = build_skeleton(section, labels)
+    info = apply_adapter(skeleton, params, AdapterContext(task=task))
+    adapter = load_file(str(weights))
+    named = dict(skeleton.named_parameters())
+    for name in info.param_names:  # trained tensors get real storage before the adapter is copied in
+        named[name].data = torch.zeros(named[name].shape, dtype=named[name].dtype)
+    for key in adapter:  # an adapter may carry a base tensor (a resized embedding): give it storage too
+        target = key.removeprefix("base_model.model.")
+        if ".base_layer." in target and target in named and named[target].data.stride() != named[target].stride():
+            named[target].data = torch.zeros(named[target].shape, dtype=named[target].dtype)
+    load_adapter_tensors(skeleton, adapter)
+    plan = _plan(skeleton, info.param_names)
+
+    del adapter  # its values now live in the skeleton
+
+    checkpoint, base_dir, shards = None, None, []
+    if is_gguf(section.name_or_path):
+        gguf_state = _gguf_state(section, labels)
+        keys = {k: (tuple(v.shape), v.dtype) for k, v in gguf_state.items()}
+        notes.append(f"the GGUF base {Path(section.name_or_path).name} was dequantized to {dtype}")
+    else:
+        base_dir = Path(section.name_or_path)
+        if not base_dir.is_dir():
+            raise ModelError(
+                f"model.name_or_path: {section.name_or_path} is not a local directory; the merge reads the base's "
+                "safetensors files (download it and pass --base PATH)"
+            )
+        config_json = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        try:
+            stored_as = storage_quantization(config_json)
+        except ModelError as exc:
+            raise ModelError(f"{base_dir}: {exc}") from None
+        shards = base_shards(base_dir)
+        checkpoint = BaseCheckpoint(shards)
+        keys = checkpoint.shapes
+        if stored_as:
+            notes.append(
+                f"the base is stored {stored_as}-quantized (bitsandbytes); its {checkpoint.quantized} quantized "
+                f"weights were dequantized and the merged model is plain {dtype}"
+            )
+    _check_fit(plan, skeleton, keys, section.name_or_path)
+    plan.new_keys = [k for k in plan.replaced if k not in keys]
+    if _trained_quantized(adapter_dir):
+        notes.append("the run trained on a quantized base; its update is merged into the base's 16-bit weights")
+
+    out_dtype = DTYPES[dtype]
+    largest = max((p.stat().st_size for p in shards), default=0)
+    limit = parse_size(max_shard_size) if max_shard_size else max(largest, 1 << 30)
+    layout = _output_layout(keys, plan, out_dtype)
+    tmp = _open_output(output, overwrite)
+    try:
+        writer = _open_writer(tmp, layout, limit)
+        waiting: dict[str, dict[str, torch.Tensor]] = {}  # a wrapped layer's tensors, until all have been read
+        needed = {owner: [k for k, o in plan.owner_of.items() if o == owner] for owner in plan.wrapped}
+        merged_layers = 0
+        source = checkpoint.tensors(progress) if checkpoint is not None else iter(gguf_state.items())
+        for key, tensor in source:
+            owner = plan.owner_of.get(key)
+            if owner is None:
+                value = plan.replaced.get(key, tensor)
+                writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
+                continue
+            group = waiting.setdefault(owner, {})
+            group[key] = tensor
+            if all(k in group for k in needed[owner]):
+                for merged_key, value in _merge_layer(plan.wrapped[owner], owner, waiting.pop(owner)).items():
+                    writer.write(merged_key, value.to(out_dtype))
+                merged_layers += 1
+            del tensor, group
+        for key in plan.new_keys:
+            writer.write(key, plan.replaced[key].to(out_dtype))
+        if waiting:
+            raise AdapterError(f"the base checkpoint lacks tensors of {', '.join(sorted(waiting))}")
+        writer.close()
+        _copy_side_files(adapter_dir, base_dir, tmp, skeleton.config, out_dtype)
+        _publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(
+        output=output,
+        method=method,
+        base=section.name_or_path,
+        dtype=dtype,
+        shards=len(writer.files),
+        tensors=len(layout),
+        merged_modules=merged_layers,
+        bytes_written=writer.total_bytes,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
