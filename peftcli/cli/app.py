@@ -7,6 +7,8 @@ import sys
 import typer
 
 from peftcli import __version__
+from peftcli.cli import export as export_commands
+from peftcli.cli import merge as merge_commands
 from peftcli.cli import methods as methods_commands
 from peftcli.cli import recipe as recipe_commands
 from peftcli.cli import targets as targets_commands
@@ -27,6 +29,8 @@ app.add_typer(recipe_app, name="recipe")
 
 app.command("train")(train_commands.train)
 app.command("targets")(targets_commands.targets)
+app.command("merge")(merge_commands.merge)
+app.command("export")(export_commands.export)
 app.command("methods")(methods_commands.methods)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)

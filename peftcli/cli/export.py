@@ -1,0 +1,78 @@
+"""`peft export DIR --format safetensors|peft|gguf`: what people deploy, from a run or a model directory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from peftcli.cli.merge import check_dtype, default_output, report, run_merge
+
+
+def export(
+    source: Path = typer.Argument(..., metavar="DIR", help="A run/adapter directory, or a model directory (gguf)."),
+    fmt: str = typer.Option(..., "--format", "-f", help="safetensors (merged model) | peft (adapter) | gguf."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory, or file for gguf."),
+    quant: str = typer.Option("f16", "--quant", help="gguf: f32 | f16 | bf16 | q8_0."),
+    dtype: str = typer.Option("bf16", "--dtype", help="safetensors: dtype of the merged weights (bf16|fp16|fp32)."),
+    base: str | None = typer.Option(None, "--base", help="Base model directory (default: the run's recipe)."),
+    max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="safetensors: largest shard, e.g. 2GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Export a trained adapter (or a model) for deployment."""
+    from peftcli.errors import PeftCliError
+
+    check_dtype(dtype)
+    is_adapter = (source / "adapter_config.json").is_file()
+    if fmt == "safetensors":
+        if not is_adapter:
+            raise PeftCliError(f"{source}: no adapter_config.json; --format safetensors merges a run's adapter")
+        report(run_merge(source, output or default_output(source, "merged"), dtype, base, max_shard_size, overwrite))
+    elif fmt == "peft":
+        _export_peft(source, output or default_output(source, "peft"), overwrite, is_adapter)
+    elif fmt == "gguf":
+        _export_gguf(source, output, quant, base, overwrite, is_adapter)
+    else:
+        raise PeftCliError(f"--format: {fmt!r} is not one of safetensors, peft, gguf")
+
+
+def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) -> None:
+    from peftcli.errors import PeftCliError
+    from peftcli.export.merge import _open_output, _publish
+    from peftcli.export.peft_format import export_peft
+
+    if not is_adapter:
+        raise PeftCliError(f"{source}: no adapter_config.json; --format peft exports a run's adapter")
+    tmp = _open_output(output, overwrite)
+    try:
+        export_peft(source, tmp)
+        _publish(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    typer.echo(f"wrote the adapter in HF PEFT format with a model card -> {output}")
+
+
+def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite: bool, is_adapter: bool) -> None:
+    from peftcli.errors import PeftCliError
+    from peftcli.export.gguf import GGUF_TYPES, write_gguf
+
+    if quant not in GGUF_TYPES:
+        raise PeftCliError(f"--quant: {quant!r} is not one of {', '.join(GGUF_TYPES)}")
+    output = output or source.parent / f"{source.resolve().name}-{quant}.gguf"
+    if output.exists() and not overwrite:
+        raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
+    staging = output.parent / f".{output.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model_dir = source
+        if is_adapter:  # merge first (fp32, so the GGUF type is the only rounding), into a scratch directory
+            result = run_merge(source, staging / "merged", "fp32", base, None, False)
+            report(result)
+            model_dir = result.output
+        write_gguf(model_dir, staging / output.name, quant)
+        (staging / output.name).replace(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    typer.echo(f"wrote GGUF ({quant}) -> {output}")

@@ -1,0 +1,330 @@
+"""Write a llama-family Hugging Face model directory as one GGUF file that llama.cpp runs.
+
+The weights are read one tensor at a time from safetensors and written straight into the file, so memory stays
+near one tensor (in float32) whatever the model size; nothing is loaded through transformers except the tokenizer,
+whose behaviour (does it add a BOS token?) is the ground truth the file must reproduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from peftcli.errors import PeftCliError
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Both use llama.cpp's "llama" architecture: same tensors, same maths.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# HF rope types llama.cpp reproduces exactly for the llama architecture. "dynamic" has no llama.cpp counterpart;
+# yarn/longrope differ in details (attention factor, per-dim factors) that are not checked here, so they are refused.
+ROPE_TYPES = ("default", "linear", "llama3")
+
+_QTYPE = gguf.GGMLQuantizationType
+_FILE_TYPE = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+_MATRIX_TYPE = {"f32": _QTYPE.F32, "f16": _QTYPE.F16, "bf16": _QTYPE.BF16, "q8_0": _QTYPE.Q8_0}
+
+
+@dataclass
+class _Tensor:
+    """One tensor of the output: where it comes from, its GGUF name, shape (HF order) and storage type."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+    source: str | None = None  # HF tensor name; None for tensors computed here (rope_freqs)
+    file: Path | None = None
+    heads: int = 0  # > 0: permute rows for llama.cpp's rope layout (q_proj, k_proj)
+    data: np.ndarray | None = None  # computed tensors
+
+
+def write_gguf(
+    model_dir: str | Path, out_file: str | Path, quant: str = "f16", *, metadata_name: str | None = None
+) -> Path:
+    """Export `model_dir` (config.json, safetensors, tokenizer.json) to the GGUF file `out_file`; return its path.
+
+    quant: f32, f16, bf16 or q8_0 for the matrices. As in llama.cpp's own converter, 1-D tensors (norms) always
+    stay f32, and with q8_0 a matrix whose rows are not a multiple of the Q8_0 block size (32) is stored as f16.
+    The file is written under a temporary name in the same directory and renamed at the end, so a failed export
+    leaves nothing behind; an existing `out_file` is never replaced.
+    """
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if quant not in GGUF_TYPES:
+        raise PeftCliError(f"unknown gguf type {quant!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if out_file.exists():
+        raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
+    config = _read_config(model_dir)
+    tensors, n_vocab = _plan_tensors(model_dir, config, quant)
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    _add_hparams(writer, config, metadata_name or model_dir.resolve().name, n_vocab, quant)
+    _add_tokenizer(writer, model_dir, n_vocab)
+    for t in tensors:
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype))
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    # A hidden, unique name beside the target: the rename is atomic, and the file gets the usual permissions.
+    tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with contextlib.ExitStack() as stack:
+            handles: dict[Path, object] = {}
+            for t in tensors:
+                writer.write_tensor_data(_encode(_load(t, handles, stack), t))
+        writer.close()
+        if out_file.exists():  # someone wrote it while we were busy
+            raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
+        os.replace(tmp, out_file)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_file
+
+
+def _read_config(model_dir: Path) -> dict:
+    """config.json, checked for an architecture and options this exporter reproduces."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise PeftCliError(f"{model_dir} has no config.json; gguf export needs a full model directory")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    archs = config.get("architectures") or [config.get("model_type", "unknown")]
+    if archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise PeftCliError(f"gguf export supports {', '.join(SUPPORTED_ARCHITECTURES)}; {model_dir} is {archs[0]}")
+    # llama.cpp's llama graph has no biases on these layers and uses SiLU; refuse rather than export wrong maths.
+    for option in ("attention_bias", "mlp_bias"):
+        if config.get(option):
+            raise PeftCliError(f"gguf export does not handle {option}=true ({model_dir})")
+    if config.get("hidden_act", "silu") != "silu":
+        raise PeftCliError(f"gguf export needs hidden_act silu; {model_dir} uses {config['hidden_act']}")
+    rope_type = _rope(config)["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise PeftCliError(f"gguf export handles rope types {', '.join(ROPE_TYPES)}; {model_dir} uses {rope_type!r}")
+    return config
+
+
+def _rope(config: dict) -> dict:
+    """Rope settings as one dict: transformers 5 keeps them in rope_parameters, older configs in rope_scaling."""
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    if "type" in rope:
+        rope.setdefault("rope_type", rope.pop("type"))
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return rope
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _context_length(config: dict) -> int:
+    # Mistral's sliding window only differs from full attention beyond the window, so advertising the window as
+    # the trained context keeps llama.cpp (which has no sliding window for this architecture) exact by default.
+    length = config["max_position_embeddings"]
+    window = config.get("sliding_window")
+    return min(length, window) if window else length
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, n_vocab: int, quant: str) -> None:
+    heads, head_dim = config["num_attention_heads"], _head_dim(config)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(_FILE_TYPE[quant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(_context_length(config))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    if head_dim * heads != config["hidden_size"]:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    rope = _rope(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _llama3_rope_factors(config: dict) -> np.ndarray:
+    """Per-frequency divisors for llama3 rope scaling, stored as llama.cpp's rope_freqs tensor.
+
+    llama3 scaling keeps high frequencies, divides low ones by `factor` and blends in between by wavelength;
+    llama.cpp applies the same thing as theta / rope_freqs[i], so the tensor holds original / scaled frequency.
+    """
+    rope, dim = _rope(config), _head_dim(config)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * math.pi / freqs
+    blend = np.clip((old_context / wavelen - low) / (high - low), 0.0, 1.0)  # 0: divide by factor, 1: keep
+    scaled = freqs / factor * (1 - blend) + freqs * blend
+    return (freqs / scaled).astype(np.float32)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a single-file or sharded checkpoint."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted({model_dir / file for file in weight_map.values()})
+    if not (model_dir / "model.safetensors").is_file():
+        raise PeftCliError(
+            f"{model_dir} has no safetensors weights (model.safetensors or model.safetensors.index.json)"
+        )
+    return [model_dir / "model.safetensors"]
+
+
+def _plan_tensors(model_dir: Path, config: dict, quant: str) -> tuple[list[_Tensor], int]:
+    """Every output tensor with name, shape and type, read from safetensors headers only; also the vocab size."""
+    from safetensors import safe_open
+
+    n_layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    tied = config.get("tie_word_embeddings", False)
+    shapes = {}
+    for file in _weight_files(model_dir):
+        with safe_open(file, framework="pt") as f:
+            for source in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                shapes[source] = (tuple(f.get_slice(source).get_shape()), file)
+    tensors, unknown = [], []
+    for source, (shape, file) in shapes.items():
+        if source.endswith("rotary_emb.inv_freq") or (tied and source == "lm_head.weight"):
+            continue  # recomputed by llama.cpp / shared with token_embd (llama.cpp falls back to it)
+        name = names.get_name(source, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            unknown.append(source)
+            continue
+        permute = kv_heads if ".attn_k." in name else heads if ".attn_q." in name else 0
+        tensors.append(_Tensor(name, shape, _storage_type(shape, quant), source, file, permute))
+    if unknown:
+        raise PeftCliError(f"gguf export does not know where these tensors go: {', '.join(sorted(unknown)[:5])}")
+    by_name = {t.name: t for t in tensors}
+    if "token_embd.weight" not in by_name:
+        raise PeftCliError(f"{model_dir} has no token embedding (model.embed_tokens.weight)")
+    if not tied and "output.weight" not in by_name:
+        raise PeftCliError(f"{model_dir} has no lm_head.weight and does not tie it to the embedding")
+    if _rope(config)["rope_type"] == "llama3":
+        factors = _llama3_rope_factors(config)
+        tensors.append(_Tensor("rope_freqs.weight", factors.shape, _QTYPE.F32, data=factors))
+    # A fixed order makes the file independent of how the checkpoint was sharded.
+    tensors.sort(key=lambda t: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", t.name)])
+    return tensors, by_name["token_embd.weight"].shape[0]
+
+
+def _storage_type(shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationType:
+    if len(shape) == 1:
+        return _QTYPE.F32  # norms are tiny and sensitive; llama.cpp keeps them f32 in every file type
+    qtype = _MATRIX_TYPE[quant]
+    if qtype == _QTYPE.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return _QTYPE.F16  # Q8_0 blocks run along rows; a row that does not split into blocks cannot use it
+    return qtype
+
+
+def _load(t: _Tensor, handles: dict, stack: contextlib.ExitStack) -> np.ndarray:
+    """One tensor as float32, permuted for llama.cpp when it is q_proj or k_proj."""
+    if t.data is not None:
+        return t.data
+    import torch
+    from safetensors import safe_open
+
+    if t.file not in handles:
+        handles[t.file] = stack.enter_context(safe_open(t.file, framework="pt"))
+    array = handles[t.file].get_tensor(t.source).to(torch.float32).numpy()
+    if t.heads:
+        # HF rotates the two halves of each head against each other; llama.cpp rotates adjacent pairs.
+        # Interleaving the halves row-wise makes the two agree (transformers undoes this on GGUF load).
+        rows = array.shape[0]
+        array = array.reshape(t.heads, 2, rows // t.heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+    return np.ascontiguousarray(array)
+
+
+def _encode(array: np.ndarray, t: _Tensor) -> np.ndarray:
+    return gguf.quants.quantize(array, t.qtype)
+
+
+def _pre_tokenizer_name(tokenizer: dict) -> str | None:
+    """llama.cpp's name for the pre-tokenizer in tokenizer.json, for the shapes whose splitting it reproduces."""
+    pre = tokenizer.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+
+    def byte_level(step: dict) -> bool:
+        # GPT-2's split regex, without a leading space added: what llama.cpp's "gpt-2" splitter does
+        return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+    if len(steps) == 1 and byte_level(steps[0]):
+        return "gpt-2"
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits"):
+        return "smollm" if byte_level(steps[1]) else None  # each digit alone, then the GPT-2 regex
+    return None
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
+    """Vocabulary, merges, special tokens and chat template of a byte-level BPE tokenizer (llama.cpp "gpt2")."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise PeftCliError(f"{model_dir} has no tokenizer.json; gguf export needs a fast (tokenizers) tokenizer")
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    model = tokenizer.get("model") or {}
+    pre = _pre_tokenizer_name(tokenizer)
+    if model.get("type") != "BPE" or model.get("byte_fallback") or tokenizer.get("normalizer") or pre is None:
+        raise PeftCliError(
+            f"gguf export handles byte-level BPE tokenizers (GPT-2 or SmolLM style); {path} is a different kind"
+        )
+    tokens: list[str | None] = [None] * n_vocab
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    entries = [(text, i, gguf.TokenType.NORMAL) for text, i in model["vocab"].items()]
+    for added in tokenizer.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        entries.append((added["content"], added["id"], kind))
+    for text, i, kind in entries:
+        if i >= n_vocab:
+            raise PeftCliError(f"{path} has token id {i} but the model's embedding has only {n_vocab} rows")
+        tokens[i], types[i] = text, kind
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    # Embedding rows past the tokenizer (padding to a round size) get placeholder names llama.cpp never produces.
+    writer.add_token_list([text if text is not None else f"[PAD{i}]" for i, text in enumerate(tokens)])
+    writer.add_token_types(types)
+
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise PeftCliError(f"{path} has no BPE merges")
+    special.add_special_token.update(_adds_bos_eos(model_dir))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
+    """Whether the HF tokenizer adds BOS / EOS around plain text: measured, since configs state it many ways."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    plain, full = tok.encode("Hello", add_special_tokens=False), tok.encode("Hello")
+    extra = len(full) > len(plain)
+    return {
+        "bos": extra and tok.bos_token_id is not None and full[0] == tok.bos_token_id,
+        "eos": extra and tok.eos_token_id is not None and full[-1] == tok.eos_token_id,
+    }

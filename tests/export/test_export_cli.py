@@ -1,0 +1,74 @@
+"""`peft export`: safetensors (merged, sharded), peft (adapter + model card) and gguf from a trained run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftcli.examples.tiny import write_tiny_model
+from peftcli.recipe.load import load_recipe
+from peftcli.train.loop import train
+
+from support import make_recipe, run_cli, write_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore:The PEFT config.s .base_model_name_or_path. was renamed")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, copy_data):
+    """A short real training run on a tiny Llama saved in shards."""
+    tmp = tmp_path_factory.mktemp("export")
+    base = write_tiny_model(tmp / "base", max_shard_size="60KB")
+    recipe = make_recipe(tmp, base, copy_data, training={"max_steps": 4, "eval_every": 2})
+    train(load_recipe(write_recipe(tmp / "recipe.yaml", recipe)))
+    return tmp / "run"
+
+
+def test_export_safetensors_is_a_sharded_merged_model(trained_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    result = run_cli("export", str(trained_run), "--format", "safetensors", "-o", str(out), "--max-shard-size", "70KB")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_export_peft_writes_the_adapter_and_a_model_card(trained_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "peft"
+    result = run_cli("export", str(trained_run), "--format", "peft", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) >= ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "library_name: peft" in card and "validation loss:" in card
+    assert "copy.jsonl" in card  # the training data is named
+    ours = load_file(str(trained_run / "adapter_model.safetensors"))
+    assert ours.keys() == load_file(str(out / "adapter_model.safetensors")).keys()
+    config = json.loads((out / "adapter_config.json").read_text())
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), out)
+
+
+def test_export_gguf_from_a_run_merges_first(trained_run, tmp_path):
+    out = tmp_path / "model.gguf"
+    result = run_cli("export", str(trained_run), "--format", "gguf", "--quant", "q8_0", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and out.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"], "the scratch merge is gone"
+    again = run_cli("export", str(trained_run), "--format", "gguf", "-o", str(out))
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+
+
+def test_export_refusals(trained_run, tmp_path):
+    bad = run_cli("export", str(trained_run), "--format", "onnx")
+    assert bad.returncode == 2 and "--format: 'onnx' is not one of safetensors, peft, gguf" in bad.stderr
+    quant = run_cli("export", str(trained_run), "--format", "gguf", "--quant", "q2_k", "-o", str(tmp_path / "x"))
+    assert quant.returncode == 2 and "--quant: 'q2_k' is not one of" in quant.stderr
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,553 @@
+"""GGUF export: the file reproduces the HF model in transformers' GGUF loader and in llama.cpp itself (xllamacpp)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+import socket
+import urllib.request
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from peftcli.errors import PeftCliError
+from peftcli.examples.tiny import build_llama, build_tokenizer, write_tiny_model
+from peftcli.export import gguf as export
+from peftcli.export.gguf import GGUF_TYPES, write_gguf
+
+from support import run_cli
+
+# Measured on the tiny Llama (|logits| up to ~7) over 4 model seeds x 4 sequences of 24 tokens, max / mean of
+# |GGUF logits - HF fp32 logits| after transformers' GGUF loader: f32 0 / 0 (bit-exact); f16 0.024 / 0.002;
+# bf16 0.16 / 0.015; q8_0 0.54 / 0.046. Limits are about 3x those. Without the q/k permutation every type is off
+# by ~9 / ~1.3, so each limit still catches a wrong layout.
+LOGIT_LIMITS = {"f32": (1e-5, 1e-6), "f16": (0.08, 0.006), "bf16": (0.5, 0.05), "q8_0": (1.5, 0.15)}
+# llama.cpp vs HF fp32, next-token log-probabilities (all 400) along greedy continuations of 40-token prompts,
+# worst over 2 seeds x {plain, tied, linear rope, llama3 rope}: f32 0.037, f16 0.036, bf16 0.20, q8_0 0.60
+# (llama.cpp's kernels round differently). A model with the wrong rope is off by ~8.
+LOGPROB_LIMITS = {"f32": 0.1, "f16": 0.1, "bf16": 0.5, "q8_0": 1.0}
+TEXTS = [
+    "copy alpha bravo charlie",
+    "Hello world! 123 4567  two  spaces\n\nnew lines\ttab",
+    "don't stop, it's what we'd do",
+    "héllo wörld ✓ 日本",
+    "<|im_start|>user\nwhat is red<|im_end|>\n<|im_start|>assistant\n",
+]
+MESSAGES = [{"role": "user", "content": "copy alpha bravo"}]
+
+
+def _export(model_dir: Path, out_dir: Path, quant: str = "f16", **kwargs) -> Path:
+    """Export into its own folder, so loaders cannot pick up the HF files next to it."""
+    return write_gguf(model_dir, out_dir / f"model-{quant}.gguf", quant, **kwargs)
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, tuple, bytes]]:
+    return {t.name: (t.tensor_type.name, tuple(t.shape), t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def _field(path: Path, key: str):
+    return gguf.GGUFReader(path).fields[key].contents()
+
+
+def _copy_with_config(model_dir: Path, dest: Path, **changes) -> Path:
+    """A copy of `model_dir` with config.json keys changed (a None value removes the key)."""
+    shutil.copytree(model_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(changes)
+    config = {key: value for key, value in config.items() if value is not None}
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+def _hf_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Plain argmax decoding: no stopping rules, so it can be compared token by token."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+# ---------------------------------------------------------------- transformers' GGUF loader
+
+
+@pytest.mark.parametrize("quant", GGUF_TYPES)
+def test_transformers_loads_the_same_model(tiny_model_dir, tmp_path, quant, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    out = _export(tiny_model_dir, tmp_path, quant)
+    types = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 2}
+    assert types == {quant.upper()}
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors if len(t.shape) == 1} == {"F32"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, 400, (3, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - _hf_model(tiny_model_dir)(ids).logits).abs()
+    max_limit, mean_limit = LOGIT_LIMITS[quant]
+    assert diff.max() <= max_limit and diff.mean() <= mean_limit, (quant, diff.max().item(), diff.mean().item())
+
+
+def test_transformers_loads_the_same_tokenizer(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = _export(tiny_model_dir, tmp_path)
+    hf = AutoTokenizer.from_pretrained(tiny_model_dir)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for text in TEXTS:
+        assert loaded.encode(text) == hf.encode(text), text
+    assert loaded.chat_template == hf.chat_template
+    assert loaded.apply_chat_template(MESSAGES, tokenize=False) == hf.apply_chat_template(MESSAGES, tokenize=False)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<|im_start|>", "<|im_end|>", "<|pad|>")
+    assert _field(out, "tokenizer.ggml.add_bos_token") is False
+    types = gguf.GGUFReader(out).fields["tokenizer.ggml.token_type"].contents()
+    assert types[:4] == [gguf.TokenType.CONTROL] * 4 and set(types[4:]) == {gguf.TokenType.NORMAL}
+
+
+def test_metadata(tiny_model_dir, tmp_path):
+    out = _export(tiny_model_dir, tmp_path, metadata_name="tiny test")
+    expected = {
+        "general.architecture": "llama",
+        "general.name": "tiny test",
+        "general.file_type": gguf.LlamaFileType.MOSTLY_F16,
+        "llama.context_length": 512,
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 128,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.rope.freq_base": 10000.0,
+        "llama.vocab_size": 400,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 3,
+    }
+    fields = gguf.GGUFReader(out).fields
+    assert {key: fields[key].contents() for key in expected} == expected
+    assert fields["llama.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-6)
+    assert "output.weight" in _tensors(out) and "llama.rope.scaling.type" not in fields
+
+
+@pytest.mark.parametrize(
+    ("rope", "expected"),
+    [
+        ({"rope_theta": 50000.0}, {"llama.rope.freq_base": 50000.0}),
+        (
+            {"rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0}},
+            {"llama.rope.freq_base": 10000.0, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0},
+        ),
+    ],
+    ids=["theta", "linear"],
+)
+def test_reads_rope_settings_of_older_configs(tiny_model_dir, tmp_path, rope, expected):
+    """Configs saved before transformers 5 keep rope_theta at the top and scaling in rope_scaling."""
+    model_dir = _copy_with_config(tiny_model_dir, tmp_path / "hf", rope_parameters=None, **rope)
+    fields = gguf.GGUFReader(_export(model_dir, tmp_path / "gguf")).fields
+    assert {key: fields[key].contents() for key in expected} == expected
+
+
+def test_tied_embeddings_write_no_output_tensor(tmp_path, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = write_tiny_model(tmp_path / "hf", tie_word_embeddings=True)
+    out = _export(model_dir, tmp_path / "gguf", "f32")
+    assert "output.weight" not in _tensors(out) and "token_embd.weight" in _tensors(out)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, _hf_model(model_dir)(ids).logits)
+
+
+def test_q8_0_keeps_rows_that_do_not_split_into_blocks_in_f16(tmp_path, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = write_tiny_model(tmp_path / "hf", intermediate_size=48)  # ffn_down rows: 48, not a multiple of 32
+    out = _export(model_dir, tmp_path / "gguf", "q8_0")
+    types = {name: kind for name, (kind, _, _) in _tensors(out).items()}
+    assert types["blk.0.ffn_down.weight"] == "F16"
+    assert types["blk.0.ffn_up.weight"] == types["blk.0.attn_q.weight"] == "Q8_0"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        diff = (loaded.eval()(ids).logits - _hf_model(model_dir)(ids).logits).abs()
+    assert diff.max() <= LOGIT_LIMITS["q8_0"][0]
+
+
+def test_mistral_exports_as_llama(tmp_path, one_torch_thread):
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        sliding_window=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    MistralForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    out = _export(tmp_path / "hf", tmp_path / "gguf", "f32")
+    # llama.cpp's llama graph has no sliding window: advertise only the context where the two agree
+    assert _field(out, "llama.context_length") == 128
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=out.name, dtype=torch.float32)
+    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, _hf_model(tmp_path / "hf")(ids).logits)
+
+
+def test_sharded_checkpoint_gives_the_same_file(tiny_model_dir, tmp_path):
+    sharded = write_tiny_model(tmp_path / "sharded", max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+    one = _export(tiny_model_dir, tmp_path / "one", "q8_0", metadata_name="tiny")
+    many = _export(sharded, tmp_path / "many", "q8_0", metadata_name="tiny")
+    assert _tensors(one) == _tensors(many)
+    assert one.read_bytes() == many.read_bytes()
+
+
+# ---------------------------------------------------------------- refusals and atomic writes
+
+
+def test_refuses_an_unsupported_architecture(tiny_bert_dir, tmp_path):
+    with pytest.raises(PeftCliError, match=r"supports LlamaForCausalLM.*; .* is BertForSequenceClassification"):
+        write_gguf(tiny_bert_dir, tmp_path / "bert.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"keep me")
+    with pytest.raises(PeftCliError, match=r"model\.gguf already exists; pass --overwrite"):
+        write_gguf(tiny_model_dir, out)
+    assert out.read_bytes() == b"keep me" and list(tmp_path.iterdir()) == [out]
+
+
+def test_refuses_an_unknown_type(tiny_model_dir, tmp_path):
+    with pytest.raises(PeftCliError, match=r"unknown gguf type 'q4_k'; choose one of f32, f16, bf16, q8_0"):
+        write_gguf(tiny_model_dir, tmp_path / "model.gguf", "q4_k")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_directory_without_safetensors(tiny_model_dir, tmp_path):
+    (tmp_path / "hf").mkdir()
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "hf")
+    with pytest.raises(PeftCliError, match="has no safetensors weights"):
+        write_gguf(tmp_path / "hf", tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
+def test_refuses_rope_scaling_it_does_not_reproduce(tiny_model_dir, tmp_path, rope_type):
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 256}
+    model_dir = _copy_with_config(tiny_model_dir, tmp_path / "hf", rope_parameters=rope)
+    with pytest.raises(PeftCliError, match=f"handles rope types default, linear, llama3; .* uses '{rope_type}'"):
+        write_gguf(model_dir, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_a_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def failing(array, tensor):
+        calls.append(tensor.name)
+        if len(calls) == 3:  # mid-write: only a hidden temporary file beside the target
+            assert [f.name.startswith(".model.gguf.") for f in tmp_path.iterdir()] == [True]
+            raise RuntimeError("disk full")
+        return export.gguf.quants.quantize(array, tensor.qtype)
+
+    monkeypatch.setattr(export, "_encode", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_gguf(tiny_model_dir, tmp_path / "model.gguf")
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- llama.cpp itself (xllamacpp)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_server(model_file: Path):
+    """llama.cpp's HTTP server on 127.0.0.1 with `model_file`; yields call(path, body=None) -> JSON reply."""
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(model_file)
+    params.n_ctx = 512
+    params.n_parallel = 1
+    # one thread: on a busy 2-core runner more threads are far slower
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
+    # An f32 KV cache keeps llama.cpp's own rounding out of the comparison with HF fp32.
+    params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+    params.warmup = False
+    params.port = port = _free_port()
+    server = xllamacpp.Server(params)
+
+    def call(path: str, body: dict | None = None) -> dict:
+        """POST `body` as JSON, or GET without one."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return json.loads(reply.read())
+
+    try:
+        yield call
+    finally:
+        del server  # stops the server thread and frees the model
+
+
+def _llama_continuation(post, prompt, n: int) -> dict:
+    """Greedy continuation with every token's log-probability over the whole (tiny) vocabulary."""
+    body = {"prompt": prompt, "n_predict": n, "temperature": 0, "return_tokens": True, "cache_prompt": False}
+    return post("/completion", {**body, "n_probs": 400})
+
+
+def _check_reply(model, prompt: list[int], reply: dict, limit: float) -> bool:
+    """Check one greedy llama.cpp reply against the HF fp32 model, along llama.cpp's own tokens.
+
+    Every log-prob llama.cpp reports is within `limit` of HF's, and every token it picked is HF's argmax after the
+    same tokens or a near-tie within `limit` of it (where rounding may pick either). Returns whether no step was a
+    near-tie: then the whole continuation must equal HF's greedy one.
+    """
+    tokens = reply["tokens"]
+    with torch.no_grad():
+        hf = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1], -1)
+    # llama.cpp reports one entry per complete UTF-8 piece, with the log-probs of its last token. Byte counts say
+    # where each piece ends: a byte-level token has one byte per character, a control token prints as nothing.
+    pieces = _tiny_pieces()
+    worst, pos = 0.0, -1
+    for entry in reply["completion_probabilities"]:
+        pos += 1
+        size = len(pieces[tokens[pos]])
+        while size < len(entry["bytes"]) or tokens[pos] != entry["id"]:
+            pos += 1
+            size += len(pieces[tokens[pos]])
+        assert size == len(entry["bytes"]), (tokens, reply["completion_probabilities"])
+        for top in entry["top_logprobs"]:
+            worst = max(worst, abs(top["logprob"] - hf[pos, top["id"]].item()))
+    assert pos >= 0 and worst <= limit, (tokens, worst)  # a trailing incomplete UTF-8 piece has no entry
+    chosen = hf[torch.arange(len(tokens)), torch.tensor(tokens)]
+    assert (chosen >= hf.max(-1).values - limit).all(), (tokens, hf.argmax(-1).tolist())
+    top2 = hf.topk(2, -1).values
+    return bool((top2[:, 0] - top2[:, 1] >= limit).all())
+
+
+@functools.cache
+def _tiny_pieces() -> dict[int, str]:
+    """id -> token text as llama.cpp prints it, for the tiny tokenizer every tiny model here shares."""
+    tokenizer = build_tokenizer()
+    special = set(tokenizer.all_special_ids)
+    return {i: "" if i in special else text for text, i in tokenizer.get_vocab().items()}
+
+
+def _prompts(count: int = 4, length: int = 40) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randint(4, 400, (length,), generator=generator).tolist() for _ in range(count)]
+
+
+def test_llama_cpp_tokenizes_like_hf(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = _export(tiny_model_dir, tmp_path)
+    hf = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with llama_server(out) as post:
+        for text in TEXTS:
+            assert post("/tokenize", {"content": text})["tokens"] == hf.encode(text), text
+        props = post("/props")
+    assert props["chat_template"] == hf.chat_template
+    assert (props["bos_token"], props["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+
+
+@pytest.mark.parametrize("quant", GGUF_TYPES)
+def test_llama_cpp_runs_the_same_model(tiny_model_dir, tmp_path, quant, one_torch_thread):
+    from transformers import AutoTokenizer
+
+    out = _export(tiny_model_dir, tmp_path, quant)
+    model, tokenizer = _hf_model(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    chat = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    prompts = [*_prompts(), tokenizer.encode(chat)]
+    with llama_server(out) as post:
+        replies = [_llama_continuation(post, prompt, 8) for prompt in prompts[:-1]]
+        replies.append(_llama_continuation(post, chat, 8))  # as text: llama.cpp tokenizes it itself
+    clear = [
+        _check_reply(model, prompt, reply, LOGPROB_LIMITS[quant])
+        for prompt, reply in zip(prompts, replies, strict=True)
+    ]
+    assert len({tuple(reply["tokens"]) for reply in replies}) == len(replies)  # not one degenerate answer
+    if quant in ("f32", "f16"):
+        # The random tiny model has near-ties (top-2 gaps down to 0.03); where it has none, greedy must agree.
+        assert sum(clear) >= 2, clear
+        for prompt, reply, is_clear in zip(prompts, replies, clear, strict=True):
+            if is_clear:
+                assert reply["tokens"] == _hf_greedy(model, prompt, 8)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+    ids=["linear", "llama3"],
+)
+def test_llama_cpp_applies_rope_scaling(tmp_path, rope, one_torch_thread):
+    model_dir = write_tiny_model(tmp_path / "hf", rope_parameters={"rope_theta": 10000.0, **rope})
+    out = _export(model_dir, tmp_path / "gguf", "f32")
+    model, unscaled = _hf_model(model_dir), build_llama(400).eval()
+    prompts = _prompts()
+    with torch.no_grad():  # the prompts are long enough for the scaling to change the output a lot
+        batch = torch.tensor(prompts)
+        assert (model(batch).logits - unscaled(batch).logits).abs().max() > 1.0
+    with llama_server(out) as post:
+        replies = [_llama_continuation(post, prompt, 8) for prompt in prompts]
+    clear = [
+        _check_reply(model, prompt, reply, LOGPROB_LIMITS["f32"])
+        for prompt, reply in zip(prompts, replies, strict=True)
+    ]
+    assert any(clear)
+
+
+def test_llama_cpp_uses_the_embedding_as_output_when_tied(tmp_path, one_torch_thread):
+    model_dir = write_tiny_model(tmp_path / "hf", tie_word_embeddings=True)
+    out = _export(model_dir, tmp_path / "gguf", "f16")
+    model = _hf_model(model_dir)
+    with llama_server(out) as post:
+        replies = [_llama_continuation(post, prompt, 8) for prompt in _prompts()]
+    for prompt, reply in zip(_prompts(), replies, strict=True):
+        _check_reply(model, prompt, reply, LOGPROB_LIMITS["f16"])
+
+
+def test_llama_cpp_splits_digits_like_a_smollm_tokenizer(tmp_path):
+    """A Digits + ByteLevel pre-tokenizer (SmolLM's) over a vocabulary that has multi-digit merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator([f"{i} {i * 7} item {i * 13}" for i in range(2000)], trainer=trainer)
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    model = build_llama(len(tokenizer))
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    out = _export(tmp_path / "hf", tmp_path / "gguf")
+    assert _field(out, "tokenizer.ggml.pre") == "smollm"
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = ["item 1234 and 56", "x 99 item 1001", "7 77 777"]
+    with llama_server(out) as post:
+        llama = [post("/tokenize", {"content": text})["tokens"] for text in texts]
+    assert llama == [hf.encode(text) for text in texts]
+    # Splitting digits matters for this vocabulary: GPT-2 splitting gives other ids.
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert [core.encode(text).ids for text in texts] != llama
+
+
+# ---------------------------------------------------------------- the real SmolLM2 (slow)
+
+
+def _smollm2_run(tmp_path: Path) -> tuple[Path, Path]:
+    """SmolLM2 with a LoRA adapter that moves its logits, saved as a training run leaves it."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftcli.examples.assets import cache_dir
+    from peftcli.tuners.adapter import apply_adapter, save_adapter
+    from peftcli.tuners.protocol import AdapterContext
+    from peftcli.tuners.registry import get_tuner
+
+    model_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (model_dir / "config.json").is_file():
+        pytest.skip(f"{model_dir} is not downloaded")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)  # A's initialisation
+    apply_adapter(model, get_tuner("lora").params(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), AdapterContext())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.01 * torch.randn(param.shape, generator=gen))
+    run = tmp_path / "run"
+    save_adapter(model, run, base_model_name_or_path=str(model_dir))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run)
+    return model_dir, run
+
+
+@pytest.mark.slow
+def test_smollm2_with_an_adapter_exports_to_gguf_that_llama_cpp_runs_like_transformers(tmp_path, one_torch_thread):
+    """`peft export RUN --format gguf` on the real SmolLM2 + LoRA, at f16 and q8_0: transformers and llama.cpp read
+    the files back with our tokenizer ids and logits/greedy tokens of base + adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftcli.tuners.adapter import load_adapter
+
+    model_dir, run = _smollm2_run(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer.encode(chat)
+    adapted = _hf_model(model_dir)
+    load_adapter(adapted, run)
+    with torch.no_grad():
+        expected = adapted(torch.tensor([ids])).logits[0]
+        moved = (expected - _hf_model(model_dir)(torch.tensor([ids])).logits[0]).abs().max().item()
+    assert moved > 0.1, "the adapter must change the model, or the export would not show it was merged"
+    greedy = _hf_greedy(adapted, ids, 8)
+    assert "Paris" in tokenizer.decode(greedy)
+
+    files = {}
+    for quant in ("f16", "q8_0"):
+        files[quant] = tmp_path / quant / f"smollm2-{quant}.gguf"
+        result = run_cli("export", str(run), "--format", "gguf", "--quant", quant, "--output", str(files[quant]))
+        assert result.returncode == 0, result.stderr
+        assert f"wrote GGUF ({quant})" in result.stdout
+    # transformers' GGUF reader takes ~25 s on a 49k vocabulary per load
+    # measured on this prompt (logits up to 37.7): f16 0.20, q8_0 1.35; the limits leave about 2x room
+    limits = {"f16": 0.4, "q8_0": 2.5}
+    for quant, path in files.items():
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            diff = (loaded(torch.tensor([ids])).logits[0] - expected).abs().max().item()
+        assert diff < limits[quant], (quant, diff)
+        if quant == "f16":
+            assert _hf_greedy(loaded, ids, 8) == greedy
+        del loaded
+        with llama_server(path) as post:
+            assert post("/tokenize", {"content": chat})["tokens"] == ids
+            reply = post("/completion", {"prompt": chat, "n_predict": 8, "temperature": 0, "return_tokens": True})
+        agree = 6 if quant == "f16" else 3
+        assert reply["tokens"][:agree] == greedy[:agree], (quant, reply["tokens"], greedy)
