@@ -15,17 +15,41 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; load and train nothing."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in output.dir."),
+    launch: str | None = typer.Option(
+        None,
+        "--launch",
+        help="Run on several processes with a preset: ddp, zero1, zero2, zero3, zero3_offload, "
+        "fsdp2 (or an accelerate config file). Sets launch.preset.",
+    ),  # fmt: skip
+    nproc: int | None = typer.Option(None, "--nproc", help="Processes per machine (launch.nproc)."),
+    nnodes: int | None = typer.Option(None, "--nnodes", help="Machines (launch.nnodes)."),
+    node_rank: int | None = typer.Option(None, "--node-rank", help="This machine's index (launch.node_rank)."),
+    main_address: str | None = typer.Option(None, "--main-address", help="Machine 0's address (launch.main_address)."),
+    main_port: int | None = typer.Option(None, "--main-port", help="Machine 0's port (launch.main_port)."),
 ) -> None:
     """Fine-tune a model as the recipe says and write the adapter to output.dir."""
     from peftcli.cli.progress import print_plan
     from peftcli.recipe.load import load_recipe
     from peftcli.train.output_dir import check_output_dir
 
+    flags = {"preset": launch, "nproc": nproc, "nnodes": nnodes, "node_rank": node_rank,
+             "main_address": main_address, "main_port": main_port}  # fmt: skip
+    overrides = [*overrides, *(f"launch.{key}={value}" for key, value in flags.items() if value is not None)]
     recipe = load_recipe(recipe_file, overrides)
     mode = check_output_dir(Path(recipe.output.dir), resume, overwrite)
     if dry_run:
         print_plan(recipe, mode)
         return
+
+    from peftcli.launch.run import accelerate_command, adopt_slurm_environment, exec_launch, outside_launcher
+
+    if recipe.launch is not None and outside_launcher() is None:
+        train_args = [str(recipe_file), *(arg for o in overrides for arg in ("--set", o))]
+        train_args += ["--resume"] * resume + ["--overwrite"] * overwrite
+        argv, env = accelerate_command(recipe.launch, train_args)
+        typer.echo(f"launching through accelerate: {' '.join(argv[1:])}", err=True)
+        exec_launch(argv, env)
+    adopt_slurm_environment()
 
     from peftcli.cli.progress import RichReporter
     from peftcli.train.loop import train as run

@@ -1,4 +1,4 @@
-"""The recipe: five sections, `model`, `method`, `data`, `training`, `output`.
+"""The recipe: five sections, `model`, `method`, `data`, `training`, `output`, and an optional `launch`.
 
 `method` is a union discriminated by `name` whose members come from the tuner registry, so a method added
 to the registry is a recipe choice, a schema entry and a `peft methods` row with no other edit.
@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from peftcli.launch.presets import PRESETS, read_engine
 from peftcli.recipe.base import StrictModel
 from peftcli.tuners.registry import TASK_TYPES, all_tuners, get_tuner
 
@@ -324,6 +325,36 @@ class OutputSection(StrictModel):
         return os.path.expanduser(value)
 
 
+class LaunchSection(StrictModel):
+    """Start the run on several processes through `accelerate launch` (CLI: --launch, --nproc, ...).
+
+    Ignored when an outside launcher (accelerate launch, torchrun, srun) already started `peft train`.
+    """
+
+    preset: str = Field(
+        description=f"{', '.join(PRESETS)}, or the path of an accelerate config file (peft presets list them)."
+    )
+    nproc: int | None = Field(None, gt=0, description="Processes per machine. Default: its GPUs, or 1 without.")
+    nnodes: int = Field(1, gt=0, description="Machines taking part.")
+    node_rank: int = Field(0, ge=0, description="This machine's index, 0 to nnodes - 1.")
+    main_address: str | None = Field(None, description="Address of machine 0; needed when nnodes > 1.")
+    main_port: int = Field(29500, gt=0, lt=65536, description="Port on machine 0 for the rendezvous.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        read_engine(value)  # raises ValueError with the reason
+        return value
+
+    @model_validator(mode="after")
+    def _machines(self) -> LaunchSection:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank: {self.node_rank} is not below nnodes ({self.nnodes}); ranks count from 0")
+        if self.nnodes > 1 and not self.main_address:
+            raise ValueError("main_address: needed with nnodes > 1 (the address of the machine with node_rank 0)")
+        return self
+
+
 def quantized_refusal(spec) -> str:
     """Why a method cannot train on a quantized base."""
     if spec.capabilities.kind == "trains_base":
@@ -339,6 +370,7 @@ class Recipe(StrictModel):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection
+    launch: LaunchSection | None = Field(None, description="Run on several processes (DDP, DeepSpeed, FSDP2).")
 
     @model_validator(mode="after")
     def _evaluation_needs_validation_data(self) -> Recipe:
@@ -401,4 +433,40 @@ class Recipe(StrictModel):
                 f"training.activation_checkpointing: method {spec.name} does not work with activation "
                 "checkpointing; set it to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _launch_fits_method_and_base(self) -> Recipe:
+        if self.launch is None:
+            return self
+        engine = read_engine(self.launch.preset)
+        spec = get_tuner(self.method.name)
+        if engine.shards_parameters and not spec.capabilities.zero3_safe:
+            able = ", ".join(n for n, other in all_tuners().items() if other.capabilities.zero3_safe)
+            raise ValueError(
+                f"launch.preset: method {spec.name} is not safe when parameters are sharded ({engine.describe()}): "
+                f"{spec.extra.get('sharded_refusal', 'it reads whole base tensors outside the forward pass')}; "
+                f"use ddp, zero1 or zero2, or one of {able}"
+            )
+        check = spec.extra.get("sharded_check")
+        problem = check(self.method, engine) if check else None
+        if problem:
+            raise ValueError(problem)
+        if engine.kind == "deepspeed" and spec.extra.get("deepspeed_refusal"):
+            raise ValueError(f"launch.preset: method {spec.name} cannot train under DeepSpeed: "
+                             f"{spec.extra['deepspeed_refusal']}; use ddp")  # fmt: skip
+        quant = self.model.quantization
+        if quant is not None and engine.zero_stage == 3:
+            raise ValueError(
+                "launch.preset: ZeRO-3 cannot partition bitsandbytes-quantized layers; use ddp, zero1 or zero2, "
+                "or fsdp2 with model.quantization.storage_dtype: bf16"
+            )
+        if quant is not None and engine.kind == "fsdp":
+            if quant.bits == 8:
+                raise ValueError("launch.preset: FSDP2 cannot shard 8-bit layers; use bits: 4, or the ddp preset")
+            if quant.storage_dtype in (None, "uint8"):
+                raise ValueError(
+                    "model.quantization.storage_dtype: FSDP2 shards a 4-bit base only when its packed weights are "
+                    "stored in the training dtype; set storage_dtype: bf16 (with training.precision bf16)"
+                )
         return self

@@ -268,6 +268,16 @@ def _quantized_check(params: LoraParams) -> str | None:
     return None
 
 
+def _sharded_check(params: LoraParams, engine) -> str | None:
+    """DoRA reads the whole base weight in the wrapper's forward, outside the base layer that ZeRO-3 gathers."""
+    if params.dora and engine.kind == "deepspeed" and engine.zero_stage == 3:
+        return (
+            "method.dora: DoRA reads each layer's whole base weight in every forward, which DeepSpeed ZeRO-3 keeps "
+            "partitioned; use launch.preset zero2 or fsdp2, or set dora: false"
+        )
+    return None
+
+
 SPEC = register_tuner(
     TunerSpec(
         name="lora",
@@ -285,6 +295,6 @@ SPEC = register_tuner(
         in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
-        extra={"quantized_check": _quantized_check},
+        extra={"quantized_check": _quantized_check, "sharded_check": _sharded_check},
     )
 )

@@ -1,0 +1,1 @@
+"""Multi-process launching: accelerate presets shipped with the package, and `peft train --launch`."""

@@ -1,0 +1,91 @@
+"""`peft train --launch PRESET`: hand the run to `accelerate launch`, or notice that a launcher already started us.
+
+peftcli never spawns training processes itself: `--launch` replaces this process with accelerate's own
+launcher (`python -m accelerate.commands.launch --config_file PRESET ... -m peftcli train ...`), which starts
+one `peft train` per process. Those find the launcher's variables in their environment and just train.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from peftcli.errors import PeftCliError
+from peftcli.launch.presets import preset_file, read_engine
+
+LAUNCHED_MARK = "PEFTCLI_LAUNCHED"  # set for the processes `--launch` starts
+
+
+def outside_launcher() -> str | None:
+    """Which launcher made this process one of several (so `peft train` must not launch again), or None.
+
+    srun is not one of them: it may start one `peft train --launch` per node (then each launches its node's
+    processes) or one `peft train` per GPU without a launch section (then `adopt_slurm_environment` applies).
+    """
+    env = os.environ
+    if env.get(LAUNCHED_MARK):
+        return "peft train --launch"
+    if "LOCAL_RANK" in env or "RANK" in env or "WORLD_SIZE" in env:
+        return "accelerate launch" if any(k.startswith("ACCELERATE_") for k in env) else "torchrun"
+    return None
+
+
+def adopt_slurm_environment() -> None:
+    """Under a bare `srun` (one task per process, no torchrun), give torch.distributed the variables it reads.
+
+    MASTER_ADDR must come from the job script (the first host of the allocation); the port defaults to 29500.
+    """
+    env = os.environ
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1") or 1) <= 1 or "SLURM_PROCID" not in env:
+        return
+    if "MASTER_ADDR" not in env:
+        raise PeftCliError(
+            "started by srun with several tasks but MASTER_ADDR is not set; export it in the job script "
+            "(e.g. MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)), see the README"
+        )
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")).split("(")[0]
+    env.setdefault("MASTER_PORT", "29500")
+
+
+def accelerate_command(launch, train_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command line and environment for a recipe's `launch` section.
+
+    `train_args` are the arguments of `peft train` itself (recipe file, --set, --resume ...), passed on.
+    """
+    import torch
+
+    engine = read_engine(launch.preset)
+    gpus = torch.cuda.device_count()
+    if engine.kind == "fsdp" and not gpus:
+        raise PeftCliError(
+            f"launch.preset: {launch.preset} needs CUDA GPUs: accelerate cannot run FSDP on CPU processes (it "
+            "would quietly fall back to DDP); on CPU use ddp, zero2 or zero3"
+        )
+    per_node = launch.nproc or max(1, gpus)
+    if gpus and per_node > gpus:
+        raise PeftCliError(f"launch.nproc: {per_node} processes per machine, but this machine has {gpus} GPUs")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_file(launch.preset))]
+    argv += ["--num_processes", str(per_node * launch.nnodes), "--num_machines", str(launch.nnodes)]
+    argv += ["--machine_rank", str(launch.node_rank), "--main_process_port", str(launch.main_port)]
+    if launch.nnodes > 1:
+        argv += ["--main_process_ip", launch.main_address]
+    if engine.kind == "ddp" and per_node * launch.nnodes > 1:
+        argv += ["--multi_gpu"]  # also what makes accelerate start several CPU processes (with ACCELERATE_USE_CPU)
+    argv += ["-m", "peftcli", "train", *train_args]
+    env = {**os.environ, LAUNCHED_MARK: "1"}
+    if not gpus and engine.kind == "ddp":
+        env["ACCELERATE_USE_CPU"] = "true"  # DDP between CPU processes, over gloo (DeepSpeed finds the CPU itself)
+    # torchrun sets this to 1 per process; accelerate's DeepSpeed path does not, and 2 processes x N threads
+    # on N cores are several times slower than 1 thread each.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))
+    return argv, env
+
+
+def exec_launch(argv: list[str], env: dict[str, str]) -> None:
+    """Replace this process with accelerate's launcher (its exit status becomes ours)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
