@@ -40,10 +40,22 @@ def print_plan(recipe: Recipe, mode: str) -> None:
         table.add_row("validation", "none")
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs or 1} epoch(s)"
     table.add_row("length", length)
+    launch = recipe.launch
+    if launch is None:
+        table.add_row("processes", "1, or as an outside launcher (accelerate launch, torchrun, srun) starts them")
+        world = "world size"
+    else:
+        from peftcli.launch.presets import read_engine
+
+        per_node = launch.nproc or "one per GPU"
+        nodes = f" x {launch.nnodes} machines (this is {launch.node_rank})" if launch.nnodes > 1 else ""
+        table.add_row("processes", f"{per_node} per machine{nodes}, {read_engine(launch.preset).describe()}")
+        world = str(launch.nproc * launch.nnodes) if launch.nproc else "world size"
+    effective = t.batch_size * t.gradient_accumulation
     table.add_row(
         "batch",
-        f"{t.batch_size} per device x {t.gradient_accumulation} accumulation x world size "
-        f"(effective {t.batch_size * t.gradient_accumulation} per process)",
+        f"{t.batch_size} per device x {t.gradient_accumulation} accumulation x {world} "
+        + (f"= {effective * int(world)} effective" if world.isdigit() else f"(effective {effective} per process)"),
     )
     table.add_row(
         "optimizer", f"{t.optimizer} lr {t.learning_rate:g}, {t.schedule} schedule, weight decay {t.weight_decay:g}"
@@ -80,7 +92,8 @@ class RichReporter:
             f"[bold]training[/bold] {plan['trainable_params']:,} of {plan['total_params']:,} parameters "
             f"({plan['trainable_params'] / max(1, plan['total_params']):.3%}) in {plan['targeted_modules']} modules; "
             f"{plan['train_examples']} train / {plan['validation_examples']} validation examples; "
-            f"effective batch {plan['effective_batch_size']} ({plan['world_size']} process(es)); "
+            f"effective batch {plan['effective_batch_size']} = {plan['batch_size']} per device x "
+            f"{plan['accumulation']} accumulation x {plan['world_size']} process(es) ({plan['engine']}); "
             f"{plan['total_steps']} steps on {plan['device']}, mixed precision {plan['precision']}"
         )
         if plan.get("quantization"):

@@ -146,6 +146,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
+    from peftcli.train.distributed import (
+        describe_engine,
+        engine_options,
+        full_state_dict,
+        gathered,
+        whole_weights,
+    )
+
     reporter = reporter or SilentReporter()
     training = recipe.training
     out_dir = Path(recipe.output.dir)
@@ -154,7 +162,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     accelerator = Accelerator(
         mixed_precision=resolve_precision(training.precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **engine_options(training),
     )
+    engine = describe_engine(accelerator)
+    deepspeed = engine.kind == "deepspeed"
     main = accelerator.is_main_process
     set_seed(training.seed)
 
@@ -183,8 +194,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     reporter.message("loading the base model")
     label_names = getattr(data, "label_names", None)
     placement = {"device_map": {"": str(accelerator.device)}} if recipe.model.quantization is not None else {}
-    model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
-    info = apply_adapter(model, recipe.method, AdapterContext(task=task, tokenizer=tokenizer, total_steps=total_steps))
+    with whole_weights(accelerator, engine):
+        model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
+        context = AdapterContext(task=task, tokenizer=tokenizer, total_steps=total_steps)
+        info = apply_adapter(model, recipe.method, context)
     method = load_implementation(recipe.method.name)
     if training.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -209,7 +222,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     metrics_path = out_dir / METRICS_FILE
     if mode == "resume":
         _, ckpt = list_checkpoints(out_dir)[-1]
-        accelerator.load_state(str(ckpt))
+        accelerator.load_state(str(ckpt), **({"load_module_strict": False} if deepspeed else {}))
         state = LoopState(**read_trainer_state(ckpt))
         if main:  # forget what the interrupted run logged after its last checkpoint
             kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= state.step]
@@ -238,9 +251,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         if not prompts:
             return None
         result = None
-        if main:
+        if main or engine.shards_parameters:  # sharded weights: every process takes part in each forward
             with accelerator.autocast():
                 result, answers = generation_score(unwrapped, tokenizer, prompts, gen.max_new_tokens, gen.pattern)
+        if main:
             result["step"] = step
             _append_jsonl(metrics_path, {"type": "generation", **result})
             for prompt, answer in zip(prompts, answers, strict=True):
@@ -269,7 +283,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             "start_step": state.step,
             "micro_batches_per_epoch": micro_per_epoch,
             "effective_batch_size": effective_batch,
+            "batch_size": training.batch_size,
+            "accumulation": accumulation,
             "world_size": world,
+            "engine": engine.describe(),
             "train_examples": len(data.train),
             "validation_examples": 0 if data.validation is None else len(data.validation),
             "trainable_params": trainable,
@@ -305,25 +322,30 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         )
         global_labels = max(1.0, float(counts[0]))
         loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        factor = lr_factor(state.step, total_steps, warm, training.schedule)
+        for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
+            group["lr"] = group["peak_lr"] * factor
         for index, (_, batch) in enumerate(window):
             # Sum the token losses of the whole window, divide once by its global token count: every token
             # weighs the same whatever the padding, accumulation or number of processes.
             sync = index == accumulation - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            if deepspeed:  # the engine counts micro-steps itself and divides each loss by their number
+                context, engine_scale = accelerator.accumulate(model), accumulation
+            else:
+                context, engine_scale = nullcontext() if sync else accelerator.no_sync(model), 1
+            with context:
                 logits = forward_logits(model, batch, task, unwrapped.config)
                 sums, _ = batch_loss_sums(logits, batch, task)
-                objective = sums.sum() * world / global_labels
+                objective = sums.sum() * world * engine_scale / global_labels
                 penalty = extra_loss(unwrapped) if extra_loss is not None else None
                 if penalty is not None:  # a per-step regulariser (AdaLoRA), spread over the window
                     objective = objective + penalty / accumulation
                 accelerator.backward(objective)
             loss_sum += sums.sum().detach().double()
-        factor = lr_factor(state.step, total_steps, warm, training.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
         grad_norm = None
         if training.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(params, training.max_grad_norm))
+            norm = accelerator.clip_grad_norm_(params, training.max_grad_norm)  # DeepSpeed: its engine's norm
+            grad_norm = None if norm is None else float(norm)
         optimizer.step()
         if after_optimizer_step is not None:  # reads the gradients, so before they are cleared
             after_optimizer_step(unwrapped, state.step)
@@ -357,7 +379,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             run_eval(state.step)
         if training.save_every and state.step % training.save_every == 0 and state.step < total_steps:
             ckpt = checkpoint_path(out_dir, state.step)
-            accelerator.save_state(str(ckpt))
+            # DeepSpeed writes its engine's checkpoint; without the frozen base it is the adapter's size
+            accelerator.save_state(str(ckpt), **({"exclude_frozen_parameters": True} if deepspeed else {}))
             if main:
                 write_trainer_state(ckpt, vars(state))
                 prune_checkpoints(out_dir, training.keep_checkpoints)
@@ -366,11 +389,15 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     run_eval(state.step)
     run_generation(state.step)
     summary = None
+    state_dict = full_state_dict(accelerator, model, engine)  # FSDP2: gathered on the main process
+    with gathered(unwrapped, engine):  # ZeRO-3: every process takes part in gathering the adapter
+        if main:
+            save_adapter(unwrapped, out_dir, recipe.model.name_or_path, state_dict=state_dict)
     if main:
-        save_adapter(unwrapped, out_dir, recipe.model.name_or_path)
         tokenizer.save_pretrained(out_dir)
         summary = _summary(recipe, out_dir, state, total_steps, micro_per_epoch, trainable, total_params, world)
         summary["effective_batch_size"] = effective_batch
+        summary["engine"] = engine.describe()
         summary["quantization"] = describe_quantization(unwrapped)
         summary["optimizer"] = training.optimizer
         summary["task"] = task

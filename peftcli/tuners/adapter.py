@@ -95,6 +95,16 @@ def adapter_info(model: nn.Module) -> AdapterInfo:
     return info
 
 
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def _is_shard(tensor: torch.Tensor) -> bool:
+    """A distributed tensor (FSDP2) rather than plain values: saving it would write one rank's piece."""
+    return type(tensor).__name__ == "DTensor"
+
+
 def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """The adapter's tensors under their on-disk names (from `state_dict` if given, e.g. a gathered one)."""
     info = adapter_info(model)
@@ -103,8 +113,12 @@ def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict
     named = {}
     for name in info.param_names:
         tensor = source[name]
-        if tensor.numel() == 0 or (tensor.dim() == 1 and named_params[name].dim() > 1):
-            raise AdapterError(f"refusing to save {name}: it is a slice ({tuple(tensor.shape)}), not the full tensor")
+        full = _full_shape(named_params[name])
+        if _is_shard(tensor) or tensor.numel() == 0 or tuple(tensor.shape) != full:
+            raise AdapterError(
+                f"refusing to save {name}: it is a slice {tuple(tensor.shape)} of a {full} tensor (sharded by ZeRO-3 "
+                "or FSDP), not the full tensor; it must be gathered before saving"
+            )
         named[name] = tensor.detach().to("cpu").contiguous()
     custom = getattr(load_implementation(info.method), "adapter_tensors", None)
     if custom is not None:

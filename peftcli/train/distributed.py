@@ -1,0 +1,90 @@
+"""What the loop needs to know about the engine accelerate runs it on: DDP, DeepSpeed ZeRO or FSDP2.
+
+The engine is chosen by the launcher (a preset from `peftcli/launch/presets/`, through the environment that
+`accelerate launch` sets); these helpers adapt the loop to it: accumulation and clipping that DeepSpeed
+must own, gloo between CPU processes, and whole adapter tensors gathered before they are saved.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+from peftcli.launch.presets import Engine
+
+
+def engine_options(training) -> dict:
+    """Extra `Accelerator` arguments for the engine the environment asks for."""
+    from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    options: dict = {}
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU processes talk over gloo; DeepSpeed would otherwise pick a backend the CPU build lacks
+        options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # DeepSpeed runs accumulation and clipping inside its engine: it must hear the recipe's values.
+        steps = training.gradient_accumulation
+        # zero3_init_flag off: the base loads whole in each process and is partitioned when prepared, so
+        # methods that read base weights while being applied (DoRA's magnitude, PiSSA) see real values.
+        options["deepspeed_plugin"] = DeepSpeedPlugin(
+            gradient_accumulation_steps=steps, gradient_clipping=training.max_grad_norm or 0.0, zero3_init_flag=False
+        )
+        options["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
+            num_steps=steps, sync_with_dataloader=False
+        )
+    return options
+
+
+def describe_engine(accelerator) -> Engine:
+    """The engine this accelerator ended up with."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        config = plugin.deepspeed_config.get("zero_optimization", {})
+        devices = [str((config.get(key) or {}).get("device", "none")) for key in ("offload_optimizer", "offload_param")]
+        offload = any(device != "none" for device in devices)
+        return Engine("deepspeed", int(plugin.zero_stage), offload)
+    if kind == DistributedType.FSDP:
+        return Engine("fsdp")
+    return Engine("ddp")
+
+
+def gathered(model, engine: Engine):
+    """A context in which ZeRO-3's partitioned trainable parameters are whole on every process."""
+    if engine.kind != "deepspeed" or engine.zero_stage != 3:
+        return nullcontext()
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def full_state_dict(accelerator, model, engine: Engine) -> dict | None:
+    """FSDP2: the whole state dict, gathered on the main process (every process must call this)."""
+    if engine.kind != "fsdp":
+        return None
+    return accelerator.get_state_dict(model)
+
+
+@contextmanager
+def whole_weights(accelerator, engine: Engine):
+    """Load and adapt the base with whole weights, also under ZeRO-3 (partitioned later, when prepared).
+
+    accelerate registers its DeepSpeed config with transformers, whose from_pretrained then builds ZeRO-3
+    models already partitioned (zero.Init); methods that read base weights while being applied (DoRA's
+    magnitude, PiSSA) would read empty tensors. Each process holds the whole base until `prepare`.
+    """
+    if engine.kind != "deepspeed" or engine.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
