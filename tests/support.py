@@ -50,3 +50,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         text=True,
         timeout=timeout,
     )
+
+
+def without_cpu_repacking(model):
+    """An HF oracle model with bitsandbytes' AVX512-BF16 repacking off, as our loader sets it.
+
+    On CPUs with AVX512-BF16, a 4-bit layer repacks its weight in place on its first no-grad forward and
+    multiplies by another kernel from then on (logits here moved by 1e-3 on the bare base, 0.34 with a
+    trained LoRA, 5.5 with DoRA, which dequantizes the repacked bytes). Our loader turns that off
+    (peftcli/models/quantize.py); the oracle must compute the same way to be comparable.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model

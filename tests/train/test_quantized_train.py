@@ -14,7 +14,7 @@ from peftcli.train.loop import train
 from peftcli.train.output_dir import list_checkpoints
 from peftcli.tuners.adapter import load_adapter
 
-from support import make_recipe, run_cli, write_recipe
+from support import make_recipe, run_cli, without_cpu_repacking, write_recipe
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore:The PEFT config.s .base_model_name_or_path. was renamed")
@@ -40,9 +40,10 @@ def _hf_quantized(tiny_model_dir, quant: str, device: str):
         )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=config, device_map={"": device}, dtype=torch.float32
-    ).eval()
+    )
+    return without_cpu_repacking(model).eval()
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -19,6 +19,8 @@ from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.quantized import float_weight, is_quantized, quantized_layer_names, weight_shape
 from peftcli.tuners.registry import all_tuners, get_tuner
 
+from support import without_cpu_repacking
+
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.filterwarnings("ignore:The PEFT config.s .base_model_name_or_path. was renamed")
 
@@ -90,9 +92,10 @@ def hf_quantized(tiny_model_dir):
             )
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             tiny_model_dir, quantization_config=config, device_map={"": device}, dtype=torch.float32
-        ).eval()
+        )
+        return without_cpu_repacking(model).eval()
 
     return load
 
