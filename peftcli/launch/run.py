@@ -59,11 +59,6 @@ def accelerate_command(launch, train_args: list[str]) -> tuple[list[str], dict[s
 
     engine = read_engine(launch.preset)
     gpus = torch.cuda.device_count()
-    if engine.kind == "fsdp" and not gpus:
-        raise PeftCliError(
-            f"launch.preset: {launch.preset} needs CUDA GPUs: accelerate cannot run FSDP on CPU processes (it "
-            "would quietly fall back to DDP); on CPU use ddp, zero2 or zero3"
-        )
     per_node = launch.nproc or max(1, gpus)
     if gpus and per_node > gpus:
         raise PeftCliError(f"launch.nproc: {per_node} processes per machine, but this machine has {gpus} GPUs")
@@ -76,8 +71,10 @@ def accelerate_command(launch, train_args: list[str]) -> tuple[list[str], dict[s
         argv += ["--multi_gpu"]  # also what makes accelerate start several CPU processes (with ACCELERATE_USE_CPU)
     argv += ["-m", "peftcli", "train", *train_args]
     env = {**os.environ, LAUNCHED_MARK: "1"}
-    if not gpus and engine.kind == "ddp":
-        env["ACCELERATE_USE_CPU"] = "true"  # DDP between CPU processes, over gloo (DeepSpeed finds the CPU itself)
+    if not gpus and engine.kind in ("ddp", "fsdp"):
+        # CPU processes over gloo (DeepSpeed finds the CPU itself); FSDP is then selected by the loop,
+        # see train.distributed.fsdp_between_cpu_processes
+        env["ACCELERATE_USE_CPU"] = "true"
     # torchrun sets this to 1 per process; accelerate's DeepSpeed path does not, and 2 processes x N threads
     # on N cores are several times slower than 1 thread each.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_node)))

@@ -58,8 +58,8 @@ class QuantizationSection(StrictModel):
     )
     storage_dtype: Literal["uint8", "bf16", "fp16", "fp32"] | None = Field(
         None,
-        description="4-bit only: dtype the packed weights are stored as; FSDP needs it equal to the model dtype. "
-        "Default uint8.",
+        description="4-bit only: dtype the packed weights are stored as; FSDP2 shards them only when it is a float "
+        "type (bf16 with bf16 training). Default uint8.",
     )
     outlier_threshold: float | None = Field(
         None, gt=0, description="8-bit only: activations above this stay in 16 bits (LLM.int8). Default 6.0."

@@ -37,6 +37,48 @@ def engine_options(training) -> dict:
     return options
 
 
+def fsdp_between_cpu_processes(accelerator) -> None:
+    """Run FSDP2 between CPU processes when the launcher asked for FSDP.
+
+    accelerate selects FSDP only for GPU processes and quietly runs DDP between CPU processes instead,
+    although PyTorch's fully_shard works on CPU over gloo. So that an fsdp2 recipe behaves the same on a
+    laptop as on a GPU cluster (and its code paths are testable without GPUs), the engine the environment
+    asked for is set on accelerate's state here, before anything is prepared.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not asked or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the environment `accelerate launch` set from the preset
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # Both shared states: each new AcceleratorState() copies PartialState's values over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+
+
+def check_processes_joined(accelerator) -> None:
+    """Refuse to train alone in a process the launcher started as one of several.
+
+    Under an external `accelerate launch` on a machine without GPUs and without ACCELERATE_USE_CPU,
+    accelerate picks no distributed engine: each process would train on its share of the data with nothing
+    keeping the copies of the model in step, and the main process would save its own copy.
+    """
+    from accelerate.utils import DistributedType
+
+    from peftcli.errors import PeftCliError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.NO):
+        raise PeftCliError(
+            f"this process was started as one of {world}, but accelerate set it up to run alone; on a machine "
+            "without GPUs set ACCELERATE_USE_CPU=true for the launcher, or start with peft train --launch"
+        )
+
+
 def describe_engine(accelerator) -> Engine:
     """The engine this accelerator ended up with."""
     from accelerate.utils import DistributedType

@@ -28,7 +28,12 @@ from peftcli.models.load import enable_activation_checkpointing, load_base_model
 from peftcli.models.quantize import describe_quantization
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
-from peftcli.train.checkpoint import install_adapter_only_hooks, read_trainer_state, write_trainer_state
+from peftcli.train.checkpoint import (
+    fsdp_adapter_checkpoints,
+    install_adapter_only_hooks,
+    read_trainer_state,
+    write_trainer_state,
+)
 from peftcli.train.evaluate import evaluate_loss, generation_score, majority_class_rate, prompt_ids
 from peftcli.train.losses import batch_loss_sums, forward_logits, label_count
 from peftcli.train.optim import build_optimizer, lr_factor, warmup_steps
@@ -147,8 +152,10 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from peftcli.train.distributed import (
+        check_processes_joined,
         describe_engine,
         engine_options,
+        fsdp_between_cpu_processes,
         full_state_dict,
         gathered,
         whole_weights,
@@ -164,6 +171,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **engine_options(training),
     )
+    check_processes_joined(accelerator)
+    fsdp_between_cpu_processes(accelerator)
     engine = describe_engine(accelerator)
     deepspeed = engine.kind == "deepspeed"
     main = accelerator.is_main_process
@@ -222,7 +231,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     metrics_path = out_dir / METRICS_FILE
     if mode == "resume":
         _, ckpt = list_checkpoints(out_dir)[-1]
-        accelerator.load_state(str(ckpt), **({"load_module_strict": False} if deepspeed else {}))
+        with fsdp_adapter_checkpoints(engine.kind == "fsdp"):
+            accelerator.load_state(str(ckpt), **({"load_module_strict": False} if deepspeed else {}))
         state = LoopState(**read_trainer_state(ckpt))
         if main:  # forget what the interrupted run logged after its last checkpoint
             kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= state.step]
@@ -380,7 +390,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         if training.save_every and state.step % training.save_every == 0 and state.step < total_steps:
             ckpt = checkpoint_path(out_dir, state.step)
             # DeepSpeed writes its engine's checkpoint; without the frozen base it is the adapter's size
-            accelerator.save_state(str(ckpt), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+            with fsdp_adapter_checkpoints(engine.kind == "fsdp"):  # FSDP2: the adapter's shards, not the base's
+                accelerator.save_state(str(ckpt), **({"exclude_frozen_parameters": True} if deepspeed else {}))
             if main:
                 write_trainer_state(ckpt, vars(state))
                 prune_checkpoints(out_dir, training.keep_checkpoints)

@@ -144,12 +144,15 @@ def test_a_bare_srun_task_becomes_a_torch_distributed_rank(monkeypatch):
     assert got == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_PORT": "29500"}
 
 
-def test_fsdp2_on_a_machine_without_gpus_is_refused(tmp_path, tiny_model_dir, copy_data):
+def test_cpu_processes_are_asked_for_where_there_are_no_gpus(tmp_path, tiny_model_dir, copy_data, monkeypatch):
+    """Without GPUs, DDP and FSDP2 run between CPU processes (the loop then selects FSDP itself, see
+    test_distributed); DeepSpeed finds the CPU on its own."""
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tmp_path, tiny_model_dir, copy_data))
-    result = run_cli("train", str(recipe), "--launch", "fsdp2", "--nproc", "2")
-    assert result.returncode == 2
-    assert "launch.preset: fsdp2 needs CUDA GPUs: accelerate cannot run FSDP on CPU" in result.stderr
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    for preset, cpu in (("ddp", True), ("fsdp2", True), ("zero2", False)):
+        recipe = _validate(tmp_path, tiny_model_dir, copy_data, launch={"preset": preset, "nproc": 2})
+        argv, env = accelerate_command(recipe.launch, ["r.yaml"])
+        assert (env.get("ACCELERATE_USE_CPU") == "true") is cpu, preset
+        assert ("--multi_gpu" in argv) is (preset == "ddp"), preset

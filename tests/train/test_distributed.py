@@ -1,5 +1,5 @@
-"""`peft train --launch PRESET --nproc 2` on CPU (gloo): DDP and DeepSpeed ZeRO-2/ZeRO-3 runs of the tiny model
-train the adapter that one process trains with the same effective batch, save it whole, and resume exactly."""
+"""`peft train --launch PRESET --nproc 2` on CPU (gloo): DDP, DeepSpeed ZeRO-2/ZeRO-3 and FSDP2 runs of the tiny
+model train the adapter that one process trains with the same effective batch, save it whole, and resume exactly."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from peftcli.train.loop import train
 
 from support import make_recipe, run_cli, write_recipe
 
-ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
 STEPS, PER_DEVICE, ACCUMULATION, WORLD = 4, 2, 2, 2
 
 
@@ -107,7 +107,7 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     assert b_norm > 0
 
 
-@pytest.mark.parametrize("preset", ["ddp", "zero2"])
+@pytest.mark.parametrize("preset", ["ddp", "zero2", "fsdp2"])
 def test_resume_with_two_processes(preset, tmp_path, tiny_model_dir, copy_data):
     """A run stopped after its step-2 checkpoint and resumed gives the adapter of an unbroken run."""
     if preset != "ddp":
@@ -140,6 +140,38 @@ def test_resume_with_two_processes(preset, tmp_path, tiny_model_dir, copy_data):
         if r["type"] == "train"
     ]
     assert steps == [1, 2, 3, 4, 5, 6]  # the log keeps each step once: 3 and 4 of the first run were replaced
+
+
+def test_qlora_under_fsdp2_trains_what_one_process_trains(tmp_path, tiny_model_dir, copy_data):
+    """A 4-bit base whose packed weights are stored as a float type: FSDP2 shards them like any weight (with the
+    default uint8 storage accelerate keeps a whole copy on each process instead, which the recipe refuses).
+    Two processes train the adapter one process trains on the same quantized base."""
+    quantized = {"bits": 4, "storage_dtype": "fp32", "compute_dtype": "fp32"}
+
+    def recipe(out: str, **training) -> dict:
+        r = _recipe(tmp_path, tiny_model_dir, copy_data, out, **training)
+        r["model"] = {**r["model"], "quantization": quantized}
+        return r
+
+    reference = train(validate_recipe_dict(recipe("one", batch_size=PER_DEVICE * WORLD), "one.yaml"))
+    assert reference["quantization"].startswith("nf4")
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe("run"))
+    result = _launch(recipe_file, "fsdp2")
+    if not _finished(tmp_path / "run"):
+        result = _launch(recipe_file, "fsdp2", "--overwrite")
+    assert _finished(tmp_path / "run"), result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["engine"] == "FSDP2" and summary["quantization"] == reference["quantization"]
+    for (loss, norm), (ref_loss, ref_norm) in zip(
+        _train_losses(tmp_path / "run"), _train_losses(tmp_path / "one"), strict=True
+    ):
+        assert loss == pytest.approx(ref_loss, rel=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
+    ours = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key].shape == value.shape, key
+        assert (ours[key] - value).abs().max().item() < 3e-4, key
 
 
 def test_the_tokenized_data_is_found_in_the_cache_by_the_other_processes(tmp_path, tiny_model_dir, copy_data):
@@ -188,3 +220,31 @@ def test_a_slice_of_a_sharded_tensor_is_never_saved(tmp_path, tiny_model_dir):
     with pytest.raises(AdapterError, match="it is a slice"):
         save_adapter(model, tmp_path / "out", None)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_a_process_left_alone_by_accelerate_refuses_to_train(tmp_path, tiny_model_dir, copy_data):
+    """An external `accelerate launch` on a machine without GPUs and without ACCELERATE_USE_CPU starts 2 processes
+    for which accelerate picks no engine: nothing would keep their copies of the model in step."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from peftcli.launch.presets import preset_file
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "run"))
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(preset_file("fsdp2"))]
+    result = subprocess.run(
+        [*launcher, "--num_processes", "2", "-m", "peftcli", "train", str(recipe)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "was started as one of 2, but accelerate set it up to run alone" in result.stderr
+    assert not (tmp_path / "run").exists()
