@@ -62,6 +62,9 @@ def main() -> None:
         app()
     except PeftCliError as error:
         print_error(error)
+        from peftcli.launch.run import report_error_to_launcher
+
+        report_error_to_launcher(error.lines())
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

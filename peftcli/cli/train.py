@@ -41,14 +41,15 @@ def train(
         print_plan(recipe, mode)
         return
 
-    from peftcli.launch.run import accelerate_command, adopt_slurm_environment, exec_launch, outside_launcher
+    from peftcli.launch.run import accelerate_command, adopt_slurm_environment, outside_launcher, run_launcher
 
     if recipe.launch is not None and outside_launcher() is None:
         train_args = [str(recipe_file), *(arg for o in overrides for arg in ("--set", o))]
         train_args += ["--resume"] * resume + ["--overwrite"] * overwrite
         argv, env = accelerate_command(recipe.launch, train_args)
         typer.echo(f"launching through accelerate: {' '.join(argv[1:])}", err=True)
-        exec_launch(argv, env)
+        status = run_launcher(argv, env)
+        raise typer.Exit(status)
     adopt_slurm_environment()
 
     from peftcli.cli.progress import RichReporter

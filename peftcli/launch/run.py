@@ -1,8 +1,9 @@
 """`peft train --launch PRESET`: hand the run to `accelerate launch`, or notice that a launcher already started us.
 
-peftcli never spawns training processes itself: `--launch` replaces this process with accelerate's own
-launcher (`python -m accelerate.commands.launch --config_file PRESET ... -m peftcli train ...`), which starts
-one `peft train` per process. Those find the launcher's variables in their environment and just train.
+peftcli never spawns training processes itself: `--launch` runs accelerate's own launcher
+(`python -m accelerate.commands.launch --config_file PRESET ... -m peftcli train ...`) and waits for it; the
+launcher starts one `peft train` per process. Those find the launcher's variables in their environment and
+just train.
 """
 
 from __future__ import annotations
@@ -81,8 +82,63 @@ def accelerate_command(launch, train_args: list[str]) -> tuple[list[str], dict[s
     return argv, env
 
 
-def exec_launch(argv: list[str], env: dict[str, str]) -> None:
-    """Replace this process with accelerate's launcher (its exit status becomes ours)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)
+ERROR_FILE = "PEFTCLI_ERROR_FILE"  # where a launched process leaves its one-line user error for `--launch`
+FORWARDED_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")  # what schedulers send to end or warn a job
+
+
+def run_launcher(argv: list[str], env: dict[str, str]) -> int:
+    """Run accelerate's launcher and wait for it; returns the exit status for `peft train --launch`.
+
+    A process that stops on a user error (a data column missing, say) writes its message to ERROR_FILE
+    before exiting; the launcher then reports the failure with torch-elastic's traceback, and this repeats
+    that message as the last line, with exit status 2, so a batch job's log ends with what to fix.
+    """
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="peftcli-launch-") as scratch:
+        error_file = os.path.join(scratch, "error")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        launcher = subprocess.Popen(argv, env={**env, ERROR_FILE: error_file})
+        previous = {}
+        for name in FORWARDED_SIGNALS:
+            number = getattr(signal, name)
+            previous[number] = signal.signal(number, lambda received, _frame: launcher.send_signal(received))
+        # Ctrl-C reaches the launcher directly (same process group); it stops its processes and exits.
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            status = launcher.wait()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        if status != 0 and os.path.isfile(error_file):
+            with open(error_file, encoding="utf-8") as handle:
+                lines = [line for line in handle.read().splitlines() if line.strip()]
+            if lines:
+                raise LaunchedRunError(lines)
+        return status
+
+
+class LaunchedRunError(PeftCliError):
+    """A user error one of the launched processes stopped on, repeated by the process that launched them."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+    def lines(self) -> list[str]:
+        return list(self.problems)
+
+
+def report_error_to_launcher(lines: list[str]) -> None:
+    """In a process started by `peft train --launch`: leave a user error for it (the first process to fail wins)."""
+    path = os.environ.get(ERROR_FILE)
+    if not path:
+        return
+    try:
+        with open(path, "x", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+    except OSError:
+        pass  # another process wrote its error first, or the launcher is gone

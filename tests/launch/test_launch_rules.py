@@ -156,3 +156,64 @@ def test_cpu_processes_are_asked_for_where_there_are_no_gpus(tmp_path, tiny_mode
         argv, env = accelerate_command(recipe.launch, ["r.yaml"])
         assert (env.get("ACCELERATE_USE_CPU") == "true") is cpu, preset
         assert ("--multi_gpu" in argv) is (preset == "ddp"), preset
+
+
+def test_a_user_error_inside_the_launched_processes_ends_the_output_with_exit_2(tmp_path, tiny_model_dir):
+    """Data problems show only once the processes read the data; `--launch` repeats the first one as the last
+    line (after the launcher's own report) and exits 2, as for errors it finds itself."""
+    data = tmp_path / "data.jsonl"
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(16)]  # not the prompt_completion columns
+    data.write_text("".join(__import__("json").dumps(row) + "\n" for row in rows), encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", make_recipe(tmp_path, tiny_model_dir, data))
+    result = run_cli("train", str(recipe), "--launch", "ddp", "--nproc", "2")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.train: format prompt_completion needs column(s) prompt, completion"), last
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_sigterm_to_peft_train_launch_stops_every_launched_process(tmp_path, tiny_model_dir, copy_data):
+    """A scheduler ending a job signals the process it started: `--launch` passes SIGTERM on to accelerate's
+    launcher, which stops the training processes; none is left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    long_run = make_recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 3000, "batch_size": 2})
+    recipe = write_recipe(tmp_path / "r.yaml", long_run)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "output.txt"
+    with log.open("w") as sink:  # a file, not a pipe: a closed pipe would stop the processes by itself
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "peftcli", "train", str(recipe), "--launch", "ddp", "--nproc", "2"],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+    def training_processes() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(recipe).encode() in cmdline and int(pid) != parent.pid:
+                found.append(int(pid))
+        return found
+
+    deadline = time.monotonic() + 300
+    while "step 2/" not in log.read_text() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(training_processes()) >= 2, log.read_text()[-3000:]  # the launcher and its 2 processes
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=120) != 0
+    deadline = time.monotonic() + 30
+    while training_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = training_processes()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
