@@ -15,8 +15,20 @@ import torch
 from peftcli.launch.presets import Engine
 
 
-def engine_options(training) -> dict:
-    """Extra `Accelerator` arguments for the engine the environment asks for."""
+def starts_from_base_weights(method) -> bool:
+    """Whether the method reads whole base weights while it is applied (PiSSA/OLoRA inits, for instance)."""
+    from peftcli.tuners.registry import get_tuner
+
+    check = get_tuner(method.name).extra.get("starts_from_base_weights")
+    return bool(check and check(method))
+
+
+def engine_options(training, whole_base: bool = False) -> dict:
+    """Extra `Accelerator` arguments for the engine the environment asks for.
+
+    whole_base: under ZeRO-3, load the base whole in every process and partition it when prepared, instead of
+    building it already partitioned (zero.Init, each process holding only its share from the start).
+    """
     from accelerate.utils import DeepSpeedPlugin, GradientAccumulationPlugin, InitProcessGroupKwargs
 
     options: dict = {}
@@ -26,10 +38,12 @@ def engine_options(training) -> dict:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # DeepSpeed runs accumulation and clipping inside its engine: it must hear the recipe's values.
         steps = training.gradient_accumulation
-        # zero3_init_flag off: the base loads whole in each process and is partitioned when prepared, so
-        # methods that read base weights while being applied (DoRA's magnitude, PiSSA) see real values.
+        # ZeRO-3 builds the base partitioned (zero.Init), so no process ever holds all of it, unless the
+        # method must start from whole base weights (then see whole_weights).
         options["deepspeed_plugin"] = DeepSpeedPlugin(
-            gradient_accumulation_steps=steps, gradient_clipping=training.max_grad_norm or 0.0, zero3_init_flag=False
+            gradient_accumulation_steps=steps,
+            gradient_clipping=training.max_grad_norm or 0.0,
+            zero3_init_flag=not whole_base,
         )
         options["gradient_accumulation_plugin"] = GradientAccumulationPlugin(
             num_steps=steps, sync_with_dataloader=False
@@ -113,14 +127,15 @@ def full_state_dict(accelerator, model, engine: Engine) -> dict | None:
 
 
 @contextmanager
-def whole_weights(accelerator, engine: Engine):
-    """Load and adapt the base with whole weights, also under ZeRO-3 (partitioned later, when prepared).
+def whole_weights(accelerator, engine: Engine, whole_base: bool):
+    """Load and adapt the base with whole weights under ZeRO-3 when the method needs them (`whole_base`).
 
     accelerate registers its DeepSpeed config with transformers, whose from_pretrained then builds ZeRO-3
-    models already partitioned (zero.Init); methods that read base weights while being applied (DoRA's
-    magnitude, PiSSA) would read empty tensors. Each process holds the whole base until `prepare`.
+    models already partitioned (zero.Init): the memory-lean path, taken by default. A method that starts from
+    base weights (PiSSA/OLoRA) would read empty tensors there; for it each process holds the whole base
+    until `prepare` partitions it.
     """
-    if engine.kind != "deepspeed" or engine.zero_stage != 3:
+    if not whole_base or engine.kind != "deepspeed" or engine.zero_stage != 3:
         yield
         return
     from transformers.integrations import unset_hf_deepspeed_config

@@ -158,6 +158,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         fsdp_between_cpu_processes,
         full_state_dict,
         gathered,
+        starts_from_base_weights,
         whole_weights,
     )
 
@@ -166,10 +167,11 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     out_dir = Path(recipe.output.dir)
     mode = check_output_dir(out_dir, resume, overwrite)
 
+    whole_base = starts_from_base_weights(recipe.method)
     accelerator = Accelerator(
         mixed_precision=resolve_precision(training.precision),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        **engine_options(training),
+        **engine_options(training, whole_base),
     )
     check_processes_joined(accelerator)
     fsdp_between_cpu_processes(accelerator)
@@ -200,10 +202,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         total_steps = max(1, math.ceil((training.epochs or 1.0) * micro_per_epoch / accumulation))
     warm = warmup_steps(training, total_steps)
 
-    reporter.message("loading the base model")
+    if engine.kind == "deepspeed" and engine.zero_stage == 3:
+        how = "whole in each process (the method starts from its weights)" if whole_base else "partitioned (zero.Init)"
+        reporter.message(f"loading the base model {how}")
+    else:
+        reporter.message("loading the base model")
     label_names = getattr(data, "label_names", None)
     placement = {"device_map": {"": str(accelerator.device)}} if recipe.model.quantization is not None else {}
-    with whole_weights(accelerator, engine):
+    with whole_weights(accelerator, engine, whole_base):
         model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
         context = AdapterContext(task=task, tokenizer=tokenizer, total_steps=total_steps)
         info = apply_adapter(model, recipe.method, context)

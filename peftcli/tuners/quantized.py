@@ -35,7 +35,7 @@ def weight_shape(module: nn.Module) -> torch.Size:
     """The shape the layer's weight has as a matrix (out, in[, kernel]), whatever its storage."""
     if is_quantized(module):
         return torch.Size((module.out_features, module.in_features))
-    return module.weight.shape
+    return getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3 partitioned: the whole shape
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

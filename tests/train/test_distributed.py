@@ -84,6 +84,8 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     assert summary["effective_batch_size"] == PER_DEVICE * ACCUMULATION * WORLD == 8
     printed = " ".join((result.stdout + result.stderr).split())
     assert f"effective batch 8 = 2 per device x 2 accumulation x 2 process(es) ({ENGINES[preset]})" in printed
+    if preset == "zero3":  # no process ever holds the whole base
+        assert "loading the base model partitioned (zero.Init)" in printed
 
     # The same computation: every step's loss and gradient norm agree to float32 summation order.
     ours, reference = _train_losses(out), _train_losses(one_process)
@@ -107,7 +109,7 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     assert b_norm > 0
 
 
-@pytest.mark.parametrize("preset", ["ddp", "zero2", "fsdp2"])
+@pytest.mark.parametrize("preset", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_resume_with_two_processes(preset, tmp_path, tiny_model_dir, copy_data):
     """A run stopped after its step-2 checkpoint and resumed gives the adapter of an unbroken run."""
     if preset != "ddp":
@@ -172,6 +174,57 @@ def test_qlora_under_fsdp2_trains_what_one_process_trains(tmp_path, tiny_model_d
     for key, value in expected.items():
         assert ours[key].shape == value.shape, key
         assert (ours[key] - value).abs().max().item() < 3e-4, key
+
+
+ZERO3_CASES = {
+    "lora": ("lora", {"r": 4, "target_modules": "all-linear"}),
+    "lora-embeddings": ("lora", {"r": 4, "target_modules": ["q_proj", "embed_tokens"]}),
+    "loha": ("loha", {}),
+    "lokr": ("lokr", {}),
+    "ia3": ("ia3", {}),
+    "oft": ("oft", {}),
+    "vera": ("vera", {"r": 8}),
+    "bottleneck": ("bottleneck", {}),
+    "freeze": ("freeze", {}),
+    "full": ("full", {}),
+    "prompt_tuning-text": ("prompt_tuning", {"num_virtual_tokens": 4, "init": "text", "init_text": "copy this"}),
+    "prefix_tuning": ("prefix_tuning", {"num_virtual_tokens": 4}),
+    "p_tuning": ("p_tuning", {"num_virtual_tokens": 4}),
+    "pissa": ("lora", {"r": 4, "init": "pissa"}),
+}
+
+
+def test_under_zero3_methods_apply_to_a_base_built_partitioned(tmp_path, tiny_model_dir):
+    """ZeRO-3 builds the base already partitioned (zero.Init: no process holds all of it). Every method safe
+    under ZeRO-3 applies there and trains tensors of the shapes it trains on the whole base; PiSSA, which starts
+    from the whole weights, is refused on a partitioned base (the loop loads the base whole for it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from peftcli.train.distributed import starts_from_base_weights
+    from peftcli.tuners.registry import get_tuner
+
+    pytest.importorskip("deepspeed")
+    probe = Path(__file__).with_name("zero3_partitioned_probe.py")
+    result = subprocess.run(
+        [sys.executable, str(probe), str(tiny_model_dir), json.dumps(ZERO3_CASES)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for label, (name, params) in ZERO3_CASES.items():
+        whole, partitioned = report[label]["whole"], report[label]["partitioned"]
+        assert "error" not in whole, (label, whole)
+        assert whole["base_partitioned"] is False
+        if starts_from_base_weights(get_tuner(name).params(**params)):
+            assert "needs the whole weight to start from" in partitioned.get("error", ""), (label, partitioned)
+            continue
+        assert "error" not in partitioned, (label, partitioned)
+        assert partitioned["base_partitioned"] is True, label
+        assert partitioned["trainable"] == whole["trainable"] and whole["trainable"], label
 
 
 def test_the_tokenized_data_is_found_in_the_cache_by_the_other_processes(tmp_path, tiny_model_dir, copy_data):
