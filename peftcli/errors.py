@@ -9,8 +9,8 @@ class PeftCliError(Exception):
     exit_code = 2
 
     def lines(self) -> list[str]:
-        """The message as the lines the CLI prints."""
-        return [str(self)]
+        """The message as the lines the CLI prints (one per problem when it names several)."""
+        return str(self).splitlines() or [""]
 
 
 class RecipeError(PeftCliError):
@@ -19,9 +19,6 @@ class RecipeError(PeftCliError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
-
-    def lines(self) -> list[str]:
-        return list(self.problems)
 
 
 class DataError(PeftCliError):

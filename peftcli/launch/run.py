@@ -117,19 +117,8 @@ def run_launcher(argv: list[str], env: dict[str, str]) -> int:
             with open(error_file, encoding="utf-8") as handle:
                 lines = [line for line in handle.read().splitlines() if line.strip()]
             if lines:
-                raise LaunchedRunError(lines)
+                raise PeftCliError("\n".join(lines))  # the launched process's lines, as it printed them
         return status
-
-
-class LaunchedRunError(PeftCliError):
-    """A user error one of the launched processes stopped on, repeated by the process that launched them."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-    def lines(self) -> list[str]:
-        return list(self.problems)
 
 
 def report_error_to_launcher(lines: list[str]) -> None:
