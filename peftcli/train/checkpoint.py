@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftcli.errors import AdapterError
+from peftcli.train.distributed import unwrap_model
 from peftcli.tuners.adapter import adapter_info
 from peftcli.tuners.registry import load_implementation
 
@@ -34,7 +35,7 @@ def install_adapter_only_hooks(accelerator) -> None:
         for index, model in enumerate(models):
             if index >= len(weights):
                 continue  # engines that save their own state (DeepSpeed, FSDP) leave no entry
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = unwrap_model(accelerator, model)
             named = dict(unwrapped.named_parameters())
             info = adapter_info(unwrapped)
             weights[index] = {n: named[n].detach().cpu().contiguous() for n in info.param_names}
@@ -45,7 +46,7 @@ def install_adapter_only_hooks(accelerator) -> None:
 
     def load_hook(models, input_dir):
         for index, model in enumerate(models):
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = unwrap_model(accelerator, model)
             tensors = load_file(str(_model_file(input_dir, index)))
             expected = adapter_info(unwrapped).param_names
             missing = sorted(set(expected) - set(tensors))

@@ -51,6 +51,22 @@ def engine_options(training, whole_base: bool = False) -> dict:
     return options
 
 
+def unwrap_model(accelerator, model):
+    """The model inside the engine's wrapper (DDP, DeepSpeed's engine, torch.compile).
+
+    accelerate's own `unwrap_model` imports DeepSpeed whenever it is installed: 2 s, and DeepSpeed's "Setting
+    accelerator to CPU" warning on every CPU run although the recipe does not use it. Only a DeepSpeed run
+    asks accelerate; FSDP2 swaps the module's class in place and leaves nothing to unwrap.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model)
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def fsdp_between_cpu_processes(accelerator) -> None:
     """Run FSDP2 between CPU processes when the launcher asked for FSDP.
 

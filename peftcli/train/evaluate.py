@@ -8,6 +8,7 @@ import re
 import torch
 
 from peftcli.data.formats import IGNORE_INDEX
+from peftcli.train.distributed import unwrap_model
 from peftcli.train.losses import GENERATIVE_TASKS, batch_loss_sums, correct_counts, forward_logits
 
 
@@ -18,7 +19,7 @@ def evaluate_loss(model, dataloader, accelerator, task: str = "causal_lm", confi
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss, labels, correct, predicted labels
-    config = config if config is not None else accelerator.unwrap_model(model).config
+    config = config if config is not None else unwrap_model(accelerator, model).config
     for batch in dataloader:
         logits = forward_logits(model, batch, task, config)
         sums, counts = batch_loss_sums(logits, batch, task)

@@ -159,6 +159,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
         full_state_dict,
         gathered,
         starts_from_base_weights,
+        unwrap_model,
         whole_weights,
     )
 
@@ -228,7 +229,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     install_adapter_only_hooks(accelerator)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap_model(accelerator, model)
     micro_per_epoch = len(train_loader)
     extra_loss = getattr(method, "extra_loss", None)
     after_optimizer_step = getattr(method, "after_optimizer_step", None)

@@ -247,6 +247,27 @@ def cache_length(cache) -> int:
 
 
 _FORWARD_NAMES: dict[type, list[str]] = {}
+_CACHE_NAMES: dict[type, str] = {}
+# transformers 5.24 renamed the cache argument of every forward and of generate from `past_key_values` to
+# `cache` (the old name is still accepted, with a deprecation, until 5.40); both names are read here.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which this model's forward takes its key/value cache."""
+    cls = type(model)
+    if cls not in _CACHE_NAMES:
+        # A task head (BertForSequenceClassification) may pass the cache on through **kwargs: ask its base too.
+        base = getattr(model, "base_model", model)
+        names = set(inspect.signature(cls.forward).parameters) | set(inspect.signature(type(base).forward).parameters)
+        _CACHE_NAMES[cls] = next((name for name in CACHE_ARGUMENTS if name in names), "past_key_values")
+    return _CACHE_NAMES[cls]
+
+
+def _take_cache(kwargs: dict):
+    """The cache a caller passed under either name, removed from `kwargs`."""
+    found = [kwargs.pop(name) for name in CACHE_ARGUMENTS if name in kwargs]
+    return next((cache for cache in found if cache is not None), None)
 
 
 def _named(module: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -337,16 +358,19 @@ class VirtualTokenHooks:
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
         kwargs = _named(module, args, kwargs)
         if self.task == "seq2seq":
-            return (), self._before_seq2seq(kwargs)
+            return (), self._before_seq2seq(module, kwargs)
         batch = _batch_size(kwargs)
         count = self.count
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         self.real_length = (ids if ids is not None else embeds).shape[1]
         positions = kwargs.get("position_ids")
-        fresh = cache_length(kwargs.get("past_key_values")) == 0
+        cache = _take_cache(kwargs)
+        fresh = cache_length(cache) == 0
+        if self.style == "prefix" and fresh:
+            cache = self.prefix_cache(batch)
+        if cache is not None:
+            kwargs[cache_argument(module)] = cache
         if self.style == "prefix":
-            if fresh:
-                kwargs["past_key_values"] = self.prefix_cache(batch)
             if positions is not None:
                 kwargs["position_ids"] = positions + count
         elif fresh:
@@ -369,11 +393,13 @@ class VirtualTokenHooks:
         kwargs["attention_mask"] = _with_ones(kwargs.get("attention_mask"), count)
         return (), kwargs
 
-    def _before_seq2seq(self, kwargs: dict) -> dict:
+    def _before_seq2seq(self, module: nn.Module, kwargs: dict) -> dict:
         count = self.count
         if self.style == "prefix":
-            if cache_length(kwargs.get("past_key_values")) == 0:
-                kwargs["past_key_values"] = self.prefix_cache(_batch_size(kwargs))
+            cache = _take_cache(kwargs)
+            if cache_length(cache) == 0:
+                cache = self.prefix_cache(_batch_size(kwargs))
+            kwargs[cache_argument(module)] = cache
             kwargs["decoder_attention_mask"] = _with_ones(kwargs.get("decoder_attention_mask"), count)
         else:
             # The encoder hook adds the virtual tokens; the decoder's cross-attention must see them too.

@@ -274,6 +274,13 @@ def test_train_writes_the_run(trained_run: Path) -> None:
     assert saved["training"]["schedule"] == "cosine"  # the resolved recipe, defaults included
 
 
+def test_a_plain_run_prints_nothing_from_engines_it_does_not_use(slow_runs: dict, trained_run: Path) -> None:
+    # accelerate's unwrap_model imports DeepSpeed when installed, which warns "Setting accelerator to CPU"
+    output = slow_runs["first"].stdout + slow_runs["first"].stderr
+    assert "loading the base model" in output
+    assert "DeepSpeed" not in output and "Setting accelerator" not in output, output
+
+
 def test_existing_run_needs_overwrite(slow_runs: dict, trained_run: Path) -> None:
     copy = slow_runs["again_dir"]
     assert "summary.json" in slow_runs["before"]

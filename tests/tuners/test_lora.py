@@ -156,6 +156,17 @@ def test_save_load_roundtrip(load_base, input_ids, tmp_path, modules_to_save):
     torch.testing.assert_close(logits(fresh, input_ids), expected, atol=1e-6, rtol=0)
 
 
+def merged_logit_tolerance(model: nn.Module, reference: torch.Tensor) -> float:
+    """How far fp32 logits may move when the LoRA delta is folded into the weights.
+
+    Folding rounds each weight once; a dot product over n such weights moves by about sqrt(n) ulps of its
+    size, and each adapted block adds its share. Both paths round, hence the factor 2.
+    """
+    fan_in = max(layer.base_layer.in_features for layer in lora_layers(model).values())
+    blocks = model.config.num_hidden_layers
+    return 2 * blocks * math.sqrt(fan_in) * torch.finfo(torch.float32).eps * reference.abs().max().item()
+
+
 def test_merge_unmerge(load_base, input_ids):
     model = load_base()
     apply_adapter(model, LoraParams(r=4, alpha=8, target_modules="all-linear"))
@@ -163,6 +174,7 @@ def test_merge_unmerge(load_base, input_ids):
     layers = lora_layers(model)
     base_weights = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     unmerged = logits(model, input_ids)
+    atol = merged_logit_tolerance(model, unmerged)  # 3.4e-5 here (measured: up to 1.05e-5)
     assert not torch.allclose(unmerged, logits(load_base(), input_ids), atol=1e-3)
 
     merge_all(model)
@@ -172,18 +184,18 @@ def test_merge_unmerge(load_base, input_ids):
         delta = layer.lora_B.weight @ layer.lora_A.weight * layer.scaling
         assert delta.abs().max() > 1e-3
         torch.testing.assert_close(merged_weights[name] - base_weights[name], delta.detach(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=atol, rtol=0)
 
     merge_all(model)  # a second merge must not add the delta again
     for name, layer in layers.items():
         assert torch.equal(layer.base_layer.weight, merged_weights[name])
-    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=atol, rtol=0)
 
     unmerge_all(model)
     for name, layer in layers.items():
         assert not layer.merged
         torch.testing.assert_close(layer.base_layer.weight.detach(), base_weights[name], atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, input_ids), unmerged, atol=atol, rtol=0)
     unmerge_all(model)  # a second unmerge is a no-op too
     for name, layer in layers.items():
         torch.testing.assert_close(layer.base_layer.weight.detach(), base_weights[name], atol=1e-6, rtol=0)

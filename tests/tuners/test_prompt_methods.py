@@ -25,7 +25,7 @@ from peftcli.tuners.prefix_tuning.spec import PrefixTuningParams
 from peftcli.tuners.prompt_tuning.spec import PromptTuningParams
 from peftcli.tuners.protocol import AdapterContext
 
-from support import make_recipe, write_recipe
+from support import BERT_PREFIX_REFUSED, make_recipe, skip_where_hf_peft_predates_the_cache_rename, write_recipe
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
@@ -234,6 +234,8 @@ INTEROP = [
 def test_hf_peft_interop_both_ways(name, task, load, tokenizer, tmp_path):
     from peft import PeftConfig, PeftModel, get_peft_model
 
+    if name.startswith("prefix") and task == "seq_cls":
+        skip_where_hf_peft_predates_the_cache_rename(BERT_PREFIX_REFUSED)
     inputs = batch(task)
     length = inputs["input_ids"].shape[1]
 
@@ -310,6 +312,10 @@ def test_generate_equals_a_greedy_loop_without_cache(name, load):
 def test_generate_equals_hf_peft_generate(name, task, load, tmp_path):
     from peft import PeftModel
 
+    if (name, task) == ("prefix", "causal_lm"):
+        skip_where_hf_peft_predates_the_cache_rename(
+            "HF peft's prefix-tuning generate gives other tokens than a greedy loop over its own forward"
+        )
     model = adapted(load, VARIANTS[name], task)
     save_adapter(model, tmp_path, base_model_name_or_path="tiny")
     theirs = PeftModel.from_pretrained(load(task), tmp_path).eval()
