@@ -34,6 +34,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   constraints+=(-c constraints/cpu.txt)
   "${pip[@]}" install "${constraints[@]}" torch
 fi
-"${pip[@]}" install "${constraints[@]}" -e ".[test]"
+# setuptools prints an "Editable installation" banner for every editable install; it is not ours to act on.
+PYTHONWARNINGS="ignore:Editable installation" "${pip[@]}" install "${constraints[@]}" -e ".[test]"
 
 "$venv/bin/python" -m peftcli.examples
