@@ -35,3 +35,9 @@ class OutputError(PeftCliError):
 
 class AdapterError(PeftCliError):
     """A saved adapter cannot be read or does not match the model it is loaded onto."""
+
+
+class VerificationError(PeftCliError):
+    """A written artefact does not reproduce what it was made from (`--verify`); nothing is published."""
+
+    exit_code = 1

@@ -25,14 +25,14 @@ def merge(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     verify: bool = typer.Option(
-        False, "--verify", help="Then compare base + adapter with the merged model (loads both in fp32)."
+        False,
+        "--verify",
+        help="Before publishing, compare the merged model with base + adapter (both in fp32); a difference beyond "
+        "what the dtype's rounding explains fails (exit 1) and writes nothing.",
     ),
 ) -> None:
     """Merge an adapter into its base model and write a Hugging Face model directory."""
-    result = run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite)
-    report(result)
-    if verify:
-        run_verify(adapter_dir, result.output, base)
+    report(run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite, verify=verify))
 
 
 def check_dtype(dtype: str) -> str:
@@ -53,8 +53,8 @@ def use_huge_pages() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite):
-    """The merge with a progress line per shard on stderr."""
+def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite, verify: bool = False):
+    """The merge with a progress line per shard on stderr, verified before it is published if asked."""
     use_huge_pages()
     from peftcli.export.merge import merge_adapter_dir
 
@@ -64,9 +64,12 @@ def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite):
     def progress(done: int, total: int) -> None:
         typer.echo(f"merged shard {done}/{total}", err=True)
 
+    def check(written: Path) -> None:
+        run_verify(adapter_dir, written, base, dtype)
+
     return merge_adapter_dir(
         adapter_dir, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-        progress=progress,
+        progress=progress, check=check if verify else None,
     )  # fmt: skip
 
 
@@ -81,9 +84,20 @@ def report(result) -> None:
     )
 
 
-def run_verify(adapter_dir: Path, merged_dir: Path, base: str | None) -> None:
-    """Print the largest logit difference between base + adapter and the merged model."""
-    from peftcli.export.verify import logits_difference
+def run_verify(adapter_dir: Path, merged_dir: Path, base: str | None, dtype: str) -> None:
+    """Print the largest logit difference between base + adapter and the merged model; fail beyond the bound."""
+    from peftcli.errors import VerificationError
+    from peftcli.export.verify import verify_merged
+    from peftcli.models.load import DTYPES
 
-    diff = logits_difference(adapter_dir, merged_dir, base)
-    typer.echo(f"verify: max |logit difference| between base + adapter and the merged model: {diff:.3g}")
+    result = verify_merged(adapter_dir, merged_dir, DTYPES[dtype], base)
+    typer.echo(
+        f"verify: max |logit difference| between base + adapter and the merged model: {result.difference:.3g} "
+        f"(bound {result.tolerance:.3g}: {dtype} rounding of every weight moves them by about {result.rounding:.3g})"
+    )
+    if not result.passed:
+        raise VerificationError(
+            f"verify: the merged model differs from base + adapter by {result.difference:.3g}, more than the "
+            f"{result.tolerance:.3g} that {dtype} rounding explains; nothing was written. Please report this with "
+            "the run's recipe.yaml and adapter_config.json"
+        )

@@ -138,12 +138,19 @@ def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def build_skeleton(section: ModelSection, label_names: list[str] | None) -> nn.Module:
-    """The architecture with placeholder weights: real CPU tensors, so methods can build their layers on it."""
+    """The architecture with placeholder weights: real CPU tensors, so methods can build their layers on it.
+
+    A weight several modules share (an output head tied to the input embedding) stays one parameter, so the
+    methods and the merge see the pair as a pair.
+    """
     model = build_empty_model(section, label_names=label_names)
+    placeholders: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None:
-                module._parameters[name] = nn.Parameter(_placeholder(param), requires_grad=False)
+                if id(param) not in placeholders:
+                    placeholders[id(param)] = nn.Parameter(_placeholder(param), requires_grad=False)
+                module._parameters[name] = placeholders[id(param)]
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = _placeholder(buffer)
@@ -161,6 +168,39 @@ class _Plan:
     owner_of: dict[str, str]  # checkpoint key -> wrapped prefix, for keys a layer merges
     replaced: dict[str, torch.Tensor]  # checkpoint key -> the adapter's value (trained in full)
     new_keys: list[str]  # trained tensors the base checkpoint does not have (a new classification head)
+    # Tied pairs the adapter changes on one side: checkpoint key -> the other names that get their own copy
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    untied: list[str] = field(default_factory=list)  # every name of such a pair, for the report
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Checkpoint names of each parameter that several modules share (an output head tied to the embedding)."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name.replace(".base_layer.", "."))
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _untie(plan: _Plan, model: nn.Module, keys: dict) -> dict:
+    """Give each side of a tied pair the adapter changes its own tensor; returns the keys with the copies added.
+
+    The checkpoint stores a tied pair once. If the adapter changes one side (LoRA on the input embedding, a
+    trained copy of the head), the merged model needs both: the changed side merged, the other as in the base,
+    and `tie_word_embeddings: false`, or loading it would tie the head to the merged embedding again.
+    """
+    out = dict(keys)
+    for group in _tied_groups(model):
+        if not any(name in plan.owner_of or name in plan.replaced for name in group):
+            continue  # untouched: stays tied
+        stored = [name for name in group if name in keys]
+        if not stored:
+            raise AdapterError(f"the base checkpoint stores none of the tied weights {', '.join(group)}")
+        missing = [name for name in group if name not in keys]
+        plan.aliases[stored[0]] = missing
+        plan.untied.extend(group)
+        for name in missing:
+            out[name] = keys[stored[0]]
+    return out
 
 
 def _plan(model: nn.Module, param_names: list[str]) -> _Plan:
@@ -187,7 +227,7 @@ def _plan(model: nn.Module, param_names: list[str]) -> _Plan:
 
 def _check_fit(plan: _Plan, model: nn.Module, keys: dict, base: str) -> None:
     """Every tensor the adapter merges into must be in the base checkpoint, with the skeleton's shape."""
-    state = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters()}
+    state = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters(remove_duplicate=False)}
     for key in plan.owner_of:
         if key not in keys:
             raise AdapterError(
@@ -197,13 +237,6 @@ def _check_fit(plan: _Plan, model: nn.Module, keys: dict, base: str) -> None:
             raise AdapterError(
                 f"adapter does not fit base {base}: {key} is {tuple(keys[key][0])} in the checkpoint, the adapter was "
                 f"trained on {tuple(state[key].shape)}"
-            )
-    for prefix, layer in plan.wrapped.items():
-        sharers = getattr(layer, "shares_weight_with", ())
-        if sharers:
-            raise AdapterError(
-                f"cannot merge: {prefix} shares its weight with {', '.join(sharers)} (tied embeddings), which the "
-                "merge would change too; serve the adapter unmerged instead"
             )
 
 
@@ -238,8 +271,16 @@ def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Te
     """Merge one wrapped layer on its real base tensors; returns the merged tensors and frees them again."""
     params = dict(layer.base_layer.named_parameters(recurse=False))
     for leaf, param in params.items():
-        param.data = base_tensors[f"{prefix}.{leaf}"].to(param.dtype, copy=True)  # merges may write in place
+        # In fp32 whatever the base's dtype, so the output dtype is the only rounding (merges may write in place)
+        tensor = base_tensors[f"{prefix}.{leaf}"]
+        param.data = tensor.to(torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
+    # Each name of a tied pair is merged into a copy of its own (see _untie), so the partner is unaffected.
+    sharers = getattr(layer, "shares_weight_with", ())
+    if sharers:
+        layer.shares_weight_with = ()
     layer.merge()
+    if sharers:
+        layer.shares_weight_with = sharers
     merged = {f"{prefix}.{leaf}": param.data for leaf, param in params.items()}
     layer.merged = False  # the placeholders go back; the layer is not reused
     if hasattr(layer, "_original"):
@@ -271,9 +312,14 @@ def _publish(tmp: Path, output: Path) -> None:
         tmp.rename(output)
 
 
-def _copy_side_files(adapter_dir: Path, base_dir: Path | None, out: Path, config, dtype: torch.dtype) -> None:
+def _copy_side_files(
+    adapter_dir: Path, base_dir: Path | None, out: Path, config, dtype: torch.dtype, untied: bool
+) -> None:
     config = config.__class__.from_dict(config.to_dict())
     config.dtype = dtype
+    if untied:
+        for part in {id(c): c for c in (config, config.get_text_config())}.values():
+            part.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.use_cache = True
@@ -303,8 +349,13 @@ def merge_adapter_dir(
     max_shard_size: str | None = None,
     overwrite: bool = False,
     progress=None,
+    check=None,
 ) -> MergeResult:
-    """Merge the adapter in `adapter_dir` into its base and write a Hugging Face model directory at `output`."""
+    """Merge the adapter in `adapter_dir` into its base and write a Hugging Face model directory at `output`.
+
+    `check`, if given, is called with the finished directory before it is put in place; an exception from it
+    leaves nothing behind.
+    """
     started = time.perf_counter()
     adapter_dir, output = Path(adapter_dir), Path(output)
     method, params, raw = read_adapter_config(adapter_dir)
@@ -361,7 +412,13 @@ def merge_adapter_dir(
                 f"the base is stored {stored_as}-quantized (bitsandbytes); its {checkpoint.quantized} quantized "
                 f"weights were dequantized and the merged model is plain {dtype}"
             )
+    keys = _untie(plan, skeleton, keys)
     _check_fit(plan, skeleton, keys, section.name_or_path)
+    if plan.untied:
+        notes.append(
+            f"the adapter changes one side of the tied weights {' / '.join(plan.untied)}: the merged model stores "
+            "each side and sets tie_word_embeddings: false"
+        )
     plan.new_keys = [k for k in plan.replaced if k not in keys]
     if _trained_quantized(adapter_dir):
         notes.append("the run trained on a quantized base; its update is merged into the base's 16-bit weights")
@@ -377,25 +434,29 @@ def merge_adapter_dir(
         needed = {owner: [k for k, o in plan.owner_of.items() if o == owner] for owner in plan.wrapped}
         merged_layers = 0
         source = checkpoint.tensors(progress) if checkpoint is not None else iter(gguf_state.items())
-        for key, tensor in source:
-            owner = plan.owner_of.get(key)
-            if owner is None:
-                value = plan.replaced.get(key, tensor)
-                writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
-                continue
-            group = waiting.setdefault(owner, {})
-            group[key] = tensor
-            if all(k in group for k in needed[owner]):
-                for merged_key, value in _merge_layer(plan.wrapped[owner], owner, waiting.pop(owner)).items():
-                    writer.write(merged_key, value.to(out_dtype))
-                merged_layers += 1
-            del tensor, group
+        for stored_key, tensor in source:
+            for key in (stored_key, *plan.aliases.get(stored_key, ())):
+                owner = plan.owner_of.get(key)
+                if owner is None:
+                    value = plan.replaced.get(key, tensor)
+                    writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
+                    continue
+                group = waiting.setdefault(owner, {})
+                group[key] = tensor
+                if all(k in group for k in needed[owner]):
+                    for merged_key, value in _merge_layer(plan.wrapped[owner], owner, waiting.pop(owner)).items():
+                        writer.write(merged_key, value.to(out_dtype))
+                    merged_layers += 1
+                del group
+            del tensor
         for key in plan.new_keys:
             writer.write(key, plan.replaced[key].to(out_dtype))
         if waiting:
             raise AdapterError(f"the base checkpoint lacks tensors of {', '.join(sorted(waiting))}")
         writer.close()
-        _copy_side_files(adapter_dir, base_dir, tmp, skeleton.config, out_dtype)
+        _copy_side_files(adapter_dir, base_dir, tmp, skeleton.config, out_dtype, bool(plan.untied))
+        if check is not None:
+            check(tmp)
         _publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -549,5 +549,13 @@ def test_smollm2_with_an_adapter_exports_to_gguf_that_llama_cpp_runs_like_transf
         with llama_server(path) as post:
             assert post("/tokenize", {"content": chat})["tokens"] == ids
             reply = post("/completion", {"prompt": chat, "n_predict": 8, "temperature": 0, "return_tokens": True})
-        agree = 6 if quant == "f16" else 3
-        assert reply["tokens"][:agree] == greedy[:agree], (quant, reply["tokens"], greedy)
+        if quant == "f16":
+            assert reply["tokens"][:6] == greedy[:6], (quant, reply["tokens"], greedy)
+            continue
+        # q8_0 moves logits by up to its limit, more than the top-2 gap of this prompt's first answer token
+        # (0.38): each token llama.cpp picks must be within that limit of the best one of base + adapter.
+        tokens = reply["tokens"]
+        with torch.no_grad():
+            rows = adapted(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
+        for step, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            assert row[token] >= row.max() - limits[quant], (quant, step, token, row.max().item(), row[token].item())

@@ -52,12 +52,14 @@ def _perturb(model, seed: int) -> None:
                 param.add_(0.05 * torch.randn(param.shape, generator=gen).to(param.dtype))
 
 
-def _run_dir(tmp_path: Path, base: Path, name: str, auto_class: str = "AutoModelForCausalLM", task="causal_lm"):
+def _run_dir(
+    tmp_path: Path, base: Path, name: str, auto_class: str = "AutoModelForCausalLM", task="causal_lm", params=None
+):
     """An adapter directory like a training run leaves: adapter, recipe (naming the base), tokenizer."""
     import transformers
 
     model = getattr(transformers, auto_class).from_pretrained(base, dtype=torch.float32).eval()
-    apply_adapter(model, _params(name), AdapterContext(task=task))
+    apply_adapter(model, params or _params(name), AdapterContext(task=task))
     _perturb(model, 7)
     run = tmp_path / "run"
     save_adapter(model, run, base_model_name_or_path=str(base))
@@ -87,6 +89,45 @@ def test_merged_model_loads_in_transformers_with_the_same_logits(name, sharded_b
     assert not any(f.name.startswith(".") for f in tmp_path.iterdir()), "no temporary directory left behind"
     if get_tuner("lora" if name == "dora" else name).capabilities.kind == "wraps_layers":
         assert result.merged_modules > 0
+
+
+@pytest.fixture(scope="module")
+def tied_base(tmp_path_factory) -> Path:
+    """The tiny Llama with its output head tied to the input embedding (as SmolLM2, Gemma, Qwen3 ship)."""
+    return write_tiny_model(tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "embed_tokens"], ["q_proj", "lm_head"]])
+def test_a_tied_pair_is_untied_when_the_adapter_changes_one_side(targets, tied_base, tmp_path, one_torch_thread):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    params = get_tuner("lora").params(r=4, target_modules=targets)
+    run, adapted = _run_dir(tmp_path, tied_base, "lora", params=params)
+    with torch.no_grad():
+        expected = adapted(input_ids=_ids()).logits
+    result = merge_adapter_dir(run, tmp_path / "merged", dtype="fp32")
+    assert any("tie_word_embeddings: false" in note for note in result.notes)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        stored = {key: f.get_tensor(key) for key in ("model.embed_tokens.weight", "lm_head.weight")}
+    base = AutoModelForCausalLM.from_pretrained(tied_base, dtype=torch.float32)
+    unchanged = "lm_head.weight" if "embed_tokens" in targets else "model.embed_tokens.weight"
+    assert torch.equal(stored[unchanged], base.model.embed_tokens.weight.detach())  # the side left as it was
+    assert not torch.equal(stored["lm_head.weight"], stored["model.embed_tokens.weight"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=_ids()).logits
+    # fp32 throughout, logits about 5: merged and unmerged differ by summation order only.
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_a_tied_pair_the_adapter_leaves_alone_stays_tied(tied_base, tmp_path, one_torch_thread):
+    run, _ = _run_dir(tmp_path, tied_base, "lora")  # all-linear: the head is not a target
+    result = merge_adapter_dir(run, tmp_path / "merged", dtype="fp32")
+    assert not any("tie_word_embeddings" in note for note in result.notes)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_bitfit_merges_its_biases_into_a_bert_classifier(tmp_path, one_torch_thread):
@@ -148,11 +189,45 @@ def test_peft_merge_cli_with_verify(sharded_base, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run-merged" / "config.json").is_file()
     line = next(x for x in result.stdout.splitlines() if x.startswith("verify: "))
-    assert float(line.rsplit(" ", 1)[1]) < 1e-4
+    difference = float(line.split("merged model: ", 1)[1].split(" ", 1)[0])
+    assert difference < 1e-4 and "(bound " in line
     again = run_cli("merge", str(run))
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
     bad = run_cli("merge", str(run), "--dtype", "int4", "--output", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--dtype: 'int4' is not one of bf16, fp16, fp32" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_verify_passes_a_right_merge_within_the_rounding_of_its_dtype(dtype, tied_base, tmp_path, one_torch_thread):
+    from peftcli.export.verify import verify_merged
+    from peftcli.models.load import DTYPES
+
+    params = get_tuner("lora").params(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    run, _ = _run_dir(tmp_path, tied_base, "lora", params=params)
+    merge_adapter_dir(run, tmp_path / "merged", dtype=dtype)
+    result = verify_merged(run, tmp_path / "merged", DTYPES[dtype])
+    assert result.passed, result
+    assert result.rounding > 0 and (result.rounding > 1e-3) == (dtype == "bf16"), result  # logits reach about 5
+
+
+def test_verify_refuses_a_wrong_merge_and_publishes_nothing(tied_base, tmp_path, monkeypatch, capsys):
+    import peftcli.export.merge as merge_module
+    from peftcli.cli.merge import run_merge
+    from peftcli.errors import VerificationError
+
+    run, _ = _run_dir(tmp_path, tied_base, "lora")
+    real_merge_layer = merge_module._merge_layer
+
+    def merged_twice(layer, prefix, tensors):  # a merge bug: the update folded in twice
+        merged = real_merge_layer(layer, prefix, tensors)
+        return real_merge_layer(layer, prefix, merged)
+
+    monkeypatch.setattr(merge_module, "_merge_layer", merged_twice)
+    with pytest.raises(VerificationError, match="differs from base . adapter by .*; nothing was written") as error:
+        run_merge(run, tmp_path / "merged", "fp32", None, None, False, verify=True)
+    assert error.value.exit_code == 1
+    assert "verify: max |logit difference|" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "neither the output nor a staging directory"
 
 
 def test_loading_merged_equals_loading_the_adapter_on_the_real_layout(sharded_base, tmp_path):
