@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import ModelError
+from peftcli.models.hub import offline_explanation, prepare_hub_access
 from peftcli.recipe.schema import ModelSection
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,6 +41,7 @@ def is_gguf(name_or_path: str) -> bool:
 
 def _source_kwargs(name_or_path: str) -> tuple[str, dict]:
     """from_pretrained's first argument and the keyword that selects a GGUF file inside a directory."""
+    prepare_hub_access(name_or_path)
     if is_gguf(name_or_path):
         path = Path(name_or_path)
         return str(path.parent), {"gguf_file": path.name}
@@ -47,6 +49,9 @@ def _source_kwargs(name_or_path: str) -> tuple[str, dict]:
 
 
 def _explain_load_failure(what: str, name: str, exc: Exception) -> ModelError:
+    offline = offline_explanation(name)
+    if offline is not None:
+        return ModelError(offline)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if not os.path.exists(name) and ("offline" in text.lower() or "connect" in text.lower() or "resolve" in text):
         return ModelError(
@@ -170,6 +175,57 @@ def _set_pad_id(section: ModelSection, config, pad_token_id: int | None) -> None
         config.pad_token_id = pad_token_id if pad_token_id is not None else load_tokenizer(section).pad_token_id
 
 
+# The class attribute by which transformers says a model supports an attention implementation.
+ATTENTION_SUPPORT = {
+    "sdpa": "_supports_sdpa",
+    "flash_attention_2": "_supports_flash_attn",
+    "flex_attention": "_supports_flex_attn",
+}
+
+
+def _model_class(section: ModelSection, config):
+    """The transformers class model.task builds for this config; None for remote code or an unknown config."""
+    try:
+        return auto_class(section.task)._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
+
+
+def resolve_attention(section: ModelSection, config, dtype) -> str | None:
+    """The attention implementation for `model.attn_implementation`; None lets transformers choose.
+
+    An explicit choice the model's class does not support is refused by name. auto: flash_attention_2 on a
+    CUDA GPU with flash-attn installed, in a 16-bit dtype, if the class supports it; else sdpa if it does;
+    else eager.
+    """
+    import importlib.util
+
+    chosen = section.attn_implementation
+    model_class = _model_class(section, config) if config is not None else None
+    if model_class is None:
+        return None if chosen == "auto" else chosen
+
+    def supports(name: str) -> bool:
+        return bool(getattr(model_class, ATTENTION_SUPPORT[name], False))
+
+    if chosen != "auto":
+        if chosen in ATTENTION_SUPPORT and not supports(chosen):
+            raise ModelError(
+                f"model.attn_implementation: {model_class.__name__} does not support {chosen}; use auto (which picks "
+                "the best one it supports) or eager"
+            )
+        return chosen
+    half = str(dtype if dtype != "auto" else getattr(config, "dtype", None)).removeprefix("torch.")
+    if (
+        torch.cuda.is_available()
+        and half in ("bfloat16", "float16")
+        and supports("flash_attention_2")
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa" if supports("sdpa") else "eager"
+
+
 def load_base_model(
     section: ModelSection,
     device_map: str | dict | None = None,
@@ -185,12 +241,7 @@ def load_base_model(
     config get `pad_token_id` (default: the recipe tokenizer's).
     """
     source, extra = _source_kwargs(section.name_or_path)
-    kwargs: dict = {
-        "revision": section.revision,
-        "trust_remote_code": section.trust_remote_code,
-        "attn_implementation": section.attn_implementation,
-        **extra,
-    }
+    kwargs: dict = {"revision": section.revision, "trust_remote_code": section.trust_remote_code, **extra}
     if section.dtype != "auto":
         kwargs["dtype"] = DTYPES[section.dtype]
     elif extra:
@@ -198,9 +249,10 @@ def load_base_model(
     else:
         kwargs["dtype"] = auto_dtype()
     _quiet_transformers()
-    config = None
+    # A GGUF file's config is parsed from the whole file's metadata: leave auto to transformers there.
+    config = None if extra and section.task == "causal_lm" else _load_config(section)
+    kwargs["attn_implementation"] = resolve_attention(section, config, kwargs["dtype"])
     if section.task != "causal_lm":
-        config = _load_config(section)
         _check_task(section, config)
         _size_head(section, config, num_labels, label_names)
         _set_pad_id(section, config, pad_token_id)

@@ -98,8 +98,11 @@ class ModelSection(StrictModel):
         description="dtype of the base weights; auto keeps the checkpoint's own on a GPU or a CPU with native "
         "bf16, and uses fp32 on other CPUs (where bf16 runs several times slower) and for GGUF files.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernel passed to transformers. auto picks the best one the model supports here: "
+        "flash_attention_2 on a CUDA GPU with flash-attn installed and a 16-bit dtype, else sdpa, else eager "
+        "(Gemma2 and DeBERTa-v2 have no sdpa).",
     )
     trust_remote_code: bool = Field(
         False, description="Allow the model repository to run its own Python code. Off unless you trust it."
