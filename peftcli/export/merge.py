@@ -174,11 +174,22 @@ class _Plan:
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:
-    """Checkpoint names of each parameter that several modules share (an output head tied to the embedding)."""
+    """Checkpoint names of each weight the base ties (an output head tied to the embedding).
+
+    A pair is found by parameter identity and by the model's declared ties (`all_tied_weights_keys`), which
+    still names a pair after `modules_to_save` gave the head its own copy.
+    """
     by_id: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(param), []).append(name.replace(".base_layer.", "."))
-    return [names for names in by_id.values() if len(names) > 1]
+    pairs = [names for names in by_id.values() if len(names) > 1]
+    pairs += [[target, source] for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()]
+    groups: list[list[str]] = []
+    for pair in pairs:
+        joined = [group for group in groups if set(group) & set(pair)]
+        merged = sorted({name for group in joined for name in group} | set(pair))
+        groups = [group for group in groups if group not in joined] + [merged]
+    return groups
 
 
 def _untie(plan: _Plan, model: nn.Module, keys: dict) -> dict:

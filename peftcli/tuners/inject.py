@@ -121,12 +121,37 @@ def unfreeze_modules_to_save(model: nn.Module, names: list[str], adapted: list[s
             f"method.modules_to_save: {quantized[0]} is quantized by model.quantization, so it cannot be trained "
             "in full; list it in model.quantization.skip_modules to keep it in floating point"
         )
+    _untie_from_the_rest(model, matched)
     param_names = []
     for name in matched:
         for pname, param in model.get_submodule(name).named_parameters():
             param.requires_grad_(True)
             param_names.append(f"{name}.{pname}")
     return param_names
+
+
+def _untie_from_the_rest(model: nn.Module, matched: list[str]) -> None:
+    """Give a module to save its own copy of any weight it shares with a module that is not saved.
+
+    An output head tied to the input embedding (SmolLM2, Gemma, Llama-3.2) is trained as a separate copy, as
+    HF PEFT does: the input embedding stays the frozen base, and the adapter stores `lm_head.weight`.
+    """
+    inside = tuple(m + "." for m in matched)
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for name in matched:
+        for _, owner in model.get_submodule(name).named_modules():
+            for leaf, param in list(owner._parameters.items()):
+                others = [n for n in names_of.get(id(param), []) if not n.startswith(inside)]
+                if param is None or not others:
+                    continue
+                if hasattr(param, "ds_id"):
+                    raise PeftCliError(
+                        f"method.modules_to_save: {name} shares its weight with {others[0]} (tied), and a separate "
+                        "trainable copy cannot be made on a model built partitioned (ZeRO-3); use zero2 or fsdp2"
+                    )
+                owner._parameters[leaf] = nn.Parameter(param.detach().clone(), requires_grad=False)
 
 
 class WrappedLinear(nn.Module):
