@@ -244,10 +244,13 @@ def _check_fit(plan: _Plan, model: nn.Module, keys: dict, base: str) -> None:
             raise AdapterError(
                 f"adapter does not fit base {base}: it adapts {key.rsplit('.', 1)[0]}, but the checkpoint has no {key}"
             )
-        if tuple(state[key].shape) != tuple(keys[key][0]):
+        shape = tuple(state[key].shape)
+        if key.endswith(".weight") and _stored_transposed(plan.wrapped[plan.owner_of[key]]):
+            shape = shape[::-1]
+        if shape != tuple(keys[key][0]):
             raise AdapterError(
                 f"adapter does not fit base {base}: {key} is {tuple(keys[key][0])} in the checkpoint, the adapter was "
-                f"trained on {tuple(state[key].shape)}"
+                f"trained on {shape}"
             )
 
 
@@ -278,12 +281,19 @@ def _open_writer(out_dir: Path, layout: list[OutputTensor], max_bytes: int) -> S
     return ShardSetWriter(out_dir, names, shards)
 
 
+def _stored_transposed(layer: nn.Module) -> bool:
+    """A Conv1D wrapped as a linear layer: its checkpoint weight is the transpose of the layer's."""
+    return bool(getattr(layer.base_layer, "stored_transposed", False))
+
+
 def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Merge one wrapped layer on its real base tensors; returns the merged tensors and frees them again."""
     params = dict(layer.base_layer.named_parameters(recurse=False))
+    transposed = _stored_transposed(layer)
     for leaf, param in params.items():
         # In fp32 whatever the base's dtype, so the output dtype is the only rounding (merges may write in place)
         tensor = base_tensors[f"{prefix}.{leaf}"]
+        tensor = tensor.t() if transposed and leaf == "weight" else tensor
         param.data = tensor.to(torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
     # Each name of a tied pair is merged into a copy of its own (see _untie), so the partner is unaffected.
     sharers = getattr(layer, "shares_weight_with", ())
@@ -292,7 +302,10 @@ def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Te
     layer.merge()
     if sharers:
         layer.shares_weight_with = sharers
-    merged = {f"{prefix}.{leaf}": param.data for leaf, param in params.items()}
+    merged = {
+        f"{prefix}.{leaf}": param.data.t() if transposed and leaf == "weight" else param.data
+        for leaf, param in params.items()
+    }
     layer.merged = False  # the placeholders go back; the layer is not reused
     if hasattr(layer, "_original"):
         layer._original = None  # copies some layers keep for an exact unmerge

@@ -69,8 +69,10 @@ def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext |
     applied = implementation.apply_method(model, params, context)
     if not isinstance(applied, AppliedMethod):
         raise TypeError(f"{params.name}.apply_method must return AppliedMethod, not {type(applied).__name__}")
-    for param in model.parameters():
-        if id(param) not in before:
+    for name, param in model.named_parameters():
+        # A wrapped layer's base stays frozen even when the method gave it a new parameter object (a Conv1D
+        # weight seen as a linear one).
+        if id(param) not in before and ".base_layer." not in f".{name}":
             param.requires_grad_(True)
     requested = list(getattr(params, "modules_to_save", None) or [])
     heads = task_head_names(model)
@@ -137,6 +139,8 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
         config.update(updates(model))
     if info.head_modules:
         config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(info.head_modules))
+    if "fan_in_fan_out" in config and any(_stored_transposed(model, name) for name in info.targeted):
+        config["fan_in_fan_out"] = True  # Conv1D layers (GPT-2); HF PEFT would otherwise warn and set it
     config.update(
         {
             "base_model_name_or_path": base_model_name_or_path,
@@ -148,6 +152,11 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
         }
     )
     return dict(sorted(config.items()))
+
+
+def _stored_transposed(model: nn.Module, name: str) -> bool:
+    base = getattr(model.get_submodule(name), "base_layer", None)
+    return bool(getattr(base, "stored_transposed", False))
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -16,6 +16,36 @@ LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
 }
 
 
+def _transformers_conv1d() -> tuple[type[nn.Module], ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return (Conv1D,)
+
+
+def layer_classes(layer_types: tuple[str, ...]) -> tuple[type[nn.Module], ...]:
+    """The module classes of LAYER_TYPES keys. "Linear" includes transformers' Conv1D (GPT-2 and its kin),
+    a linear layer that stores its weight transposed."""
+    classes = tuple(cls for t in layer_types for cls in LAYER_TYPES[t])
+    return classes + _transformers_conv1d() if "Linear" in layer_types else classes
+
+
+def conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """transformers' Conv1D (weight stored (in, out), y = x W + b) as an nn.Linear over the same tensors.
+
+    Every method then wraps it as the linear layer it is; the adapter's tensors have the shapes HF PEFT gives
+    them (its `fan_in_fan_out`). `stored_transposed` tells the merge to write the weight back as stored.
+    """
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv.weight.t(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        linear.bias = conv.bias
+    linear.stored_transposed = True
+    return linear
+
+
 TASK_HEAD_NAMES = ("score", "classifier")
 _HEADED_CLASSES = ("ForSequenceClassification", "ForTokenClassification")
 
@@ -53,8 +83,12 @@ def find_targets(
     layer_types: tuple[str, ...],
     method: str,
 ) -> list[str]:
-    """Module names to adapt; an error that lists candidates when nothing (or part of a list) matches."""
-    classes = tuple(cls for t in layer_types for cls in LAYER_TYPES[t])
+    """Module names to adapt; an error that lists candidates when nothing (or part of a list) matches.
+
+    A chosen transformers Conv1D is replaced in the model by its nn.Linear view (`conv1d_as_linear`), so the
+    method wraps a plain linear layer.
+    """
+    classes = layer_classes(layer_types)
     heads = task_head_names(model)  # trained in full, never wrapped
     supported = [
         name for name, module in model.named_modules() if isinstance(module, classes) and not _inside(name, heads)
@@ -78,6 +112,11 @@ def find_targets(
             f"method.target_modules: {shown} matched no {'/'.join(layer_types)} module of this model "
             f"(after exclude_modules); candidates: {candidates}"
         )
+    conv1d = _transformers_conv1d()
+    for name in chosen:
+        module = model.get_submodule(name)
+        if conv1d and isinstance(module, conv1d):
+            replace_module(model, name, conv1d_as_linear(module))
     return chosen
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from peftcli.errors import AdapterError, PeftCliError
+from peftcli.errors import PeftCliError
 from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, save_adapter
 from peftcli.tuners.ia3.layers import IA3Layer, merge_all, unmerge_all
 from peftcli.tuners.ia3.spec import SPEC, IA3Params, is_feedforward
@@ -392,24 +392,16 @@ def test_hf_config_mapping():
     params = from_hf({"peft_type": "IA3", "target_modules": ["k", "wo"], "feedforward_modules": ["wo"],
                       "init_ia3_weights": False, "modules_to_save": None, "task_type": "SEQ_2_SEQ_LM"})  # fmt: skip
     assert (params.target_modules, params.feedforward_modules, params.init) == (["k", "wo"], ["wo"], "random")
-    with pytest.raises(ValueError, match="fan_in_fan_out"):
-        from_hf({"peft_type": "IA3", "target_modules": ["c_attn"], "fan_in_fan_out": True})
+    # fan_in_fan_out follows from the layer type (Conv1D), as HF PEFT corrects it: the flag itself changes nothing
+    assert from_hf({"peft_type": "IA3", "target_modules": ["c_attn"], "fan_in_fan_out": True}).target_modules == [
+        "c_attn"
+    ]
     # HF PEFT writes 'all-linear' out as full names but keeps short feed-forward names: same rule, as a regex.
     params = from_hf({"peft_type": "IA3", "target_modules": ["a.k", "a.wo"], "feedforward_modules": ["wo", "x.y"]})
     assert params.feedforward_modules == r".*(?:wo|x\.y)"
     assert is_feedforward("a.wo", params.feedforward_modules) and not is_feedforward("a.k", params.feedforward_modules)
     config = SPEC.to_hf_config(IA3Params(feedforward_modules=["down_proj"]), ["a.k_proj", "a.down_proj"])
     assert config["feedforward_modules"] == ["a.down_proj"] and config["target_modules"] == ["a.down_proj", "a.k_proj"]
-
-
-def test_fan_in_fan_out_adapter_is_refused_on_load(load_base, tmp_path):
-    out = tmp_path / "gpt2-style"
-    out.mkdir()
-    (out / CONFIG_NAME).write_text(
-        json.dumps({"peft_type": "IA3", "target_modules": ["c_attn"], "fan_in_fan_out": True})
-    )
-    with pytest.raises(AdapterError, match="fan_in_fan_out"):
-        load_adapter(load_base(), out)
 
 
 # --- HF PEFT interop ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch import nn
 
 from peftcli.errors import PeftCliError
 from peftcli.tuners.ia3.spec import DEFAULT_TARGETS, SPEC, IA3Params, is_feedforward
-from peftcli.tuners.inject import LAYER_TYPES, find_targets, replace_module, task_head_names
+from peftcli.tuners.inject import find_targets, layer_classes, replace_module, task_head_names
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.targets import ALL_LINEAR, name_matches, short_names
 
@@ -118,7 +118,7 @@ def _model_type(model: nn.Module) -> str | None:
 def _layer_names(model: nn.Module, layer_types: tuple[str, ...] = SPEC.capabilities.layer_types) -> list[str]:
     """Names of the modules IA3 could wrap (task heads left out)."""
     heads = task_head_names(model)
-    classes = tuple(cls for t in layer_types for cls in LAYER_TYPES[t])
+    classes = layer_classes(layer_types)
     return [
         name
         for name, module in model.named_modules()

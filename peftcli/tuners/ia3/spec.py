@@ -122,10 +122,6 @@ def _to_hf_config(params: IA3Params, targeted: list[str]) -> dict:
 
 
 def _from_hf_config(cfg: dict) -> IA3Params:
-    if cfg.get("fan_in_fan_out"):
-        raise ValueError(
-            "IA3 option fan_in_fan_out=True (GPT-2 style Conv1D layers) is not supported by this version of peftcli"
-        )
     targets, feedforward = cfg.get("target_modules"), cfg.get("feedforward_modules")
     if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
         # HF PEFT writes 'all-linear' out as full names but keeps short feed-forward names. The same rule as

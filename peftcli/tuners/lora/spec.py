@@ -202,7 +202,6 @@ def _to_hf_config(params: LoraParams, targeted: list[str]) -> dict:
 
 _UNSUPPORTED_HF_LORA = {
     "bias": "none",
-    "fan_in_fan_out": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
