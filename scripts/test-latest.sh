@@ -10,9 +10,8 @@ cd "$(dirname "$0")/.."
 
 venv=${PEFTCLI_LATEST_VENV:-.venv-latest}
 rm -rf "$venv"
+# A new venv without the lock: pip resolves the newest release of everything (torch aside, see above).
 PEFTCLI_VENV=$venv PEFTCLI_UNLOCKED=1 bash scripts/setup.sh || exit 1
-"$venv/bin/python" -m pip --disable-pip-version-check --quiet install --upgrade --upgrade-strategy eager \
-  $(command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints/cpu.txt") -e ".[test]" || exit 1
 "$venv/bin/python" -m pip freeze --all > "$venv/freeze.txt"
 
 echo
