@@ -24,6 +24,8 @@ from peftcli.errors import PeftCliError
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Both use llama.cpp's "llama" architecture: same tensors, same maths.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# A config.json may name only its model_type (no `architectures` list).
+ARCHITECTURE_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 # HF rope types llama.cpp reproduces exactly for the llama architecture. "dynamic" has no llama.cpp counterpart;
 # yarn/longrope differ in details (attention factor, per-dim factors) that are not checked here, so they are refused.
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -104,19 +106,31 @@ def _read_config(model_dir: Path) -> dict:
     if not path.is_file():
         raise PeftCliError(f"{model_dir} has no config.json; gguf export needs a full model directory")
     config = json.loads(path.read_text(encoding="utf-8"))
-    archs = config.get("architectures") or [config.get("model_type", "unknown")]
-    if archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise PeftCliError(f"gguf export supports {', '.join(SUPPORTED_ARCHITECTURES)}; {model_dir} is {archs[0]}")
+    check_exportable(config, str(model_dir))
+    return config
+
+
+def check_exportable(config: dict, where: str) -> None:
+    """Refuse a config this exporter cannot reproduce in llama.cpp, naming `where` (the user's run or model).
+
+    Called on the base's config before an adapter is merged, so a refusal costs nothing.
+    """
+    arch = (config.get("architectures") or [None])[0] or ARCHITECTURE_BY_MODEL_TYPE.get(config.get("model_type"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        shown = arch or f"model_type {config.get('model_type', 'unknown')!r}"
+        raise PeftCliError(
+            f"{where}: gguf export supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {shown}; "
+            "export --format safetensors instead and convert with llama.cpp's own converter"
+        )
     # llama.cpp's llama graph has no biases on these layers and uses SiLU; refuse rather than export wrong maths.
     for option in ("attention_bias", "mlp_bias"):
         if config.get(option):
-            raise PeftCliError(f"gguf export does not handle {option}=true ({model_dir})")
+            raise PeftCliError(f"{where}: gguf export does not handle {option}=true")
     if config.get("hidden_act", "silu") != "silu":
-        raise PeftCliError(f"gguf export needs hidden_act silu; {model_dir} uses {config['hidden_act']}")
+        raise PeftCliError(f"{where}: gguf export needs hidden_act silu, not {config['hidden_act']}")
     rope_type = _rope(config)["rope_type"]
     if rope_type not in ROPE_TYPES:
-        raise PeftCliError(f"gguf export handles rope types {', '.join(ROPE_TYPES)}; {model_dir} uses {rope_type!r}")
-    return config
+        raise PeftCliError(f"{where}: gguf export handles rope types {', '.join(ROPE_TYPES)}, not {rope_type!r}")
 
 
 def _rope(config: dict) -> dict:

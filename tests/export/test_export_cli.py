@@ -72,3 +72,26 @@ def test_export_refusals(trained_run, tmp_path):
     quant = run_cli("export", str(trained_run), "--format", "gguf", "--quant", "q2_k", "-o", str(tmp_path / "x"))
     assert quant.returncode == 2 and "--quant: 'q2_k' is not one of" in quant.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_gguf_refuses_a_base_it_cannot_write_before_merging(trained_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    # The run's base as a Qwen2 checkpoint: same tensors, but an architecture the GGUF writer does not cover.
+    recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())
+    qwen = tmp_path / "qwen2-base"
+    shutil.copytree(recipe["model"]["name_or_path"], qwen)
+    config = json.loads((qwen / "config.json").read_text())
+    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    (qwen / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out" / "model.gguf"
+    result = run_cli("export", str(trained_run), "--format", "gguf", "--base", str(qwen), "-o", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {trained_run} (base {qwen}): gguf export supports LlamaForCausalLM, MistralForCausalLM, not "
+        "Qwen2ForCausalLM; export --format safetensors instead and convert with llama.cpp's own converter"
+    )
+    assert "merged" not in result.stdout + result.stderr  # refused before any merge
+    assert not (tmp_path / "out").exists()
