@@ -26,7 +26,15 @@ dirty pages are synced before each child starts, so none pays for the previous o
     .venv/bin/python bench/merge_vs_hf.py --work /tmp/merge-bench --rounds 3
     .venv/bin/python bench/merge_vs_hf.py --shape tiny                         # a seconds-long smoke run
 
-The 3B shape needs ~20 GB of free disk (base 6.4 GB + two merged copies) and ~10 GB of RAM for the HF side.
+With --gguf QUANT the two sides are both ours, exporting the run to a GGUF file: "staged" is what
+`peft export --format gguf` did until it streamed (merge into an fp32 model directory, then convert it), and
+"streamed" is what it does now (each merged tensor straight to the quantizer and the file). Printed: seconds,
+peak RSS and the staging bytes on disk, with ratios streamed / staged, and whether the two files are identical.
+
+    .venv/bin/python bench/merge_vs_hf.py --work /tmp/merge-bench --gguf q8_0
+
+The 3B shape needs ~20 GB of free disk (base 6.4 GB + two merged copies) and ~10 GB of RAM for the HF side
+(--gguf: ~13 GB of disk for the staged side's fp32 copy).
 The merged outputs are deleted after the check (--keep-outputs keeps them); the base and adapter stay cached.
 """
 
@@ -244,6 +252,34 @@ def run_hf(base: Path, adapter: Path, out: Path, shard_size: str) -> dict:
     return {"seconds": done - started, "load_s": loaded - started, "merge_s": merged - loaded, "save_s": done - merged}
 
 
+def run_gguf_streamed(base: Path, adapter: Path, out: Path, quant: str) -> dict:
+    common_imports()
+    import peftcli.export.merge  # noqa: F401  (imported before the clock, as the staged side does)
+    from peftcli.export.gguf import write_gguf_from_run
+
+    started = time.perf_counter()
+    out.mkdir(parents=True)
+    write_gguf_from_run(adapter, out / "model.gguf", quant, base=str(base))
+    return {"seconds": time.perf_counter() - started, "staged_bytes": 0}
+
+
+def run_gguf_staged(base: Path, adapter: Path, out: Path, quant: str) -> dict:
+    from peftcli.cli.merge import use_huge_pages
+
+    use_huge_pages()
+    common_imports()
+    from peftcli.export.gguf import write_gguf
+    from peftcli.export.merge import merge_adapter_dir
+
+    started = time.perf_counter()
+    out.mkdir(parents=True)
+    merge_adapter_dir(adapter, out / "staging", base=str(base), dtype="fp32")
+    staged = sum(f.stat().st_size for f in (out / "staging").iterdir())
+    write_gguf(out / "staging", out / "model.gguf", quant, metadata_name=adapter.resolve().name)
+    shutil.rmtree(out / "staging")
+    return {"seconds": time.perf_counter() - started, "staged_bytes": staged}
+
+
 def run_baseline(base: Path, adapter: Path, out: Path, shard_size: str) -> dict:
     common_imports()
     import peftcli.export.merge  # noqa: F401  (ours' imports: the floor of its RSS)
@@ -254,14 +290,21 @@ def run_baseline(base: Path, adapter: Path, out: Path, shard_size: str) -> dict:
 def child(args) -> None:
     work = Path(args.work)
     base, adapter = work / f"base-{args.shape}", work / f"adapter-{args.shape}"
-    runner = {"ours": run_ours, "hf": run_hf, "baseline": run_baseline}[args.child]
-    result = runner(base, adapter, work / f"out-{args.child}-{args.shape}", args.shard_size)
+    out = work / f"out-{args.child}-{args.shape}"
+    if args.child.startswith("gguf-"):
+        runner = {"gguf-streamed": run_gguf_streamed, "gguf-staged": run_gguf_staged}[args.child]
+        result = runner(base, adapter, out, args.gguf)
+    else:
+        runner = {"ours": run_ours, "hf": run_hf, "baseline": run_baseline}[args.child]
+        result = runner(base, adapter, out, args.shard_size)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(args, side: str) -> dict:
     """Run one side in a fresh interpreter; its peak RSS comes from wait4, its seconds from this clock."""
     command = [sys.executable, __file__, "--shape", args.shape, "--work", args.work, "--shard-size", args.shard_size]
+    if args.gguf:
+        command += ["--gguf", args.gguf]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     if side == "hf" and args.hf_huge_pages:
         env["THP_MEM_ALLOC_ENABLE"] = "1"
@@ -372,7 +415,12 @@ def main() -> None:
     parser.add_argument(
         "--hf-huge-pages", action="store_true", help="give the HF side THP_MEM_ALLOC_ENABLE=1 too, as `peft merge` sets"
     )
-    parser.add_argument("--child", choices=["build", "ours", "hf", "baseline", "check"], help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF export: streamed vs staged")
+    parser.add_argument(
+        "--child",
+        choices=["build", "ours", "hf", "baseline", "check", "gguf-streamed", "gguf-staged"],
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args()
     args.shard_size = args.shard_size or DEFAULT_SHARD_SIZE[args.shape]
     if args.child:
@@ -390,6 +438,10 @@ def main() -> None:
         print(f"base and adapter written in {time.perf_counter() - started:.1f}s under {work}", flush=True)
     else:
         print(f"using the cached base and adapter under {work}", flush=True)
+
+    if args.gguf:
+        compare_gguf(args, work)
+        return
 
     results: dict[str, list[dict]] = {"ours": [], "hf": [], "baseline": []}
     for round_ in range(args.rounds):
@@ -445,6 +497,41 @@ def main() -> None:
             f"{t['changed_vs_base']:13.2e}"
         )
     print("(ulps: largest difference in bf16 spacings of the values; fp32: W + (alpha/r)·B·A in fp32)")
+
+
+def compare_gguf(args, work: Path) -> None:
+    """The GGUF export of the run, staged (merge to fp32, then convert) against streamed, side by side."""
+    import hashlib
+
+    sides = ("gguf-staged", "gguf-streamed")
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    digests = {}
+    for round_ in range(args.rounds):
+        for side in sides:
+            out = work / f"out-{side}-{args.shape}"
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            results[side].append(spawn(args, side))
+            print(f"round {round_ + 1} {side}: {json.dumps(results[side][-1])}", flush=True)
+            with open(out / "model.gguf", "rb") as handle:
+                digests[side] = hashlib.file_digest(handle, "sha256").hexdigest()
+            gguf_bytes = (out / "model.gguf").stat().st_size
+            if not args.keep_outputs:
+                shutil.rmtree(out, ignore_errors=True)
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[side])
+
+    print(f"\nGGUF export ({args.gguf}) of LoRA r={RANK} on {args.shape}, {args.rounds} round(s), medians")
+    print(f"{'':34}{'staged':>12}{'streamed':>12}{'ratio':>9}")
+    for key, label in (("process_seconds", "whole process seconds"), ("seconds", "in-process seconds")):
+        staged, streamed = median("gguf-staged", key), median("gguf-streamed", key)
+        print(f"{label:34}{staged:12.1f}{streamed:12.1f}{streamed / staged:9.2f}")
+    staged, streamed = median("gguf-staged", "peak_rss_mib"), median("gguf-streamed", "peak_rss_mib")
+    print(f"{'peak RSS MiB':34}{staged:12.0f}{streamed:12.0f}{streamed / staged:9.2f}")
+    print(f"{'staging on disk GB':34}{median('gguf-staged', 'staged_bytes') / 1e9:12.2f}{0:12.2f}")
+    print(f"{'GGUF file GB':34}{gguf_bytes / 1e9:12.2f}")
+    print(f"the two files are byte-identical: {digests['gguf-staged'] == digests['gguf-streamed']}")
 
 
 if __name__ == "__main__":

@@ -56,27 +56,20 @@ def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) 
 
 def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite: bool, is_adapter: bool) -> None:
     from peftcli.errors import PeftCliError
-    from peftcli.export.gguf import GGUF_TYPES, write_gguf
+    from peftcli.export.gguf import GGUF_TYPES, write_gguf, write_gguf_from_run
 
     if quant not in GGUF_TYPES:
         raise PeftCliError(f"--quant: {quant!r} is not one of {', '.join(GGUF_TYPES)}")
     output = output or source.parent / f"{source.resolve().name}-{quant}.gguf"
     if output.exists() and not overwrite:
         raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
-    if is_adapter:
+    if is_adapter:  # merged tensor by tensor straight into the file (fp32, so the GGUF type is the only rounding)
         _check_base_exportable(source, base)
-    staging = output.parent / f".{output.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model_dir = source
-        if is_adapter:  # merge first (fp32, so the GGUF type is the only rounding), into a scratch directory
-            result = run_merge(source, staging / "merged", "fp32", base, None, False)
-            report(result)
-            model_dir = result.output
-        write_gguf(model_dir, staging / output.name, quant)
-        (staging / output.name).replace(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _, notes = write_gguf_from_run(source, output, quant, base=base, overwrite=overwrite)
+        for note in notes:
+            typer.echo(f"note: {note}")
+    else:
+        write_gguf(source, output, quant, overwrite=overwrite)
     typer.echo(f"wrote GGUF ({quant}) -> {output}")
 
 

@@ -63,7 +63,8 @@ class BaseCheckpoint:
     def __init__(self, shards: list[Path]):
         self.shards = shards
         self.headers = {shard: read_header(shard)[0] for shard in shards}
-        located = {name: shard for shard, header in self.headers.items() for name in header}
+        self.located = located = {name: shard for shard, header in self.headers.items() for name in header}
+        self._readers: dict[Path, ShardReader] = {}
         self.parts: dict[str, dict[str, tuple[Path, str]]] = {}  # logical name -> {role: (shard, stored name)}
         self.kind: dict[str, str] = {}  # logical name -> "4bit" | "8bit", for quantized weights
         owned = set()
@@ -130,6 +131,26 @@ class BaseCheckpoint:
             progress(len(self.shards), len(self.shards))
         if pending:
             raise ModelError(f"the checkpoint lacks parts of the quantized weights {', '.join(sorted(pending))}")
+
+    def read(self, name: str) -> torch.Tensor:
+        """One logical tensor on its own (dequantized if stored quantized), in any order; `close` when done."""
+        if name in self.parts:
+            parts = {role: self._read_stored(shard, stored) for role, (shard, stored) in self.parts[name].items()}
+            return self._dequantize(name, parts)
+        if name not in self.located:
+            raise KeyError(name)
+        return self._read_stored(self.located[name], name)
+
+    def _read_stored(self, shard: Path, name: str) -> torch.Tensor:
+        if shard not in self._readers:
+            self._readers[shard] = ShardReader(shard)
+        return self._readers[shard].read(name)
+
+    def close(self) -> None:
+        """Close the files `read` opened."""
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def _dequantize(self, weight: str, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.kind[weight] == "8bit":

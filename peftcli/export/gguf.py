@@ -7,7 +7,6 @@ whose behaviour (does it add a BOS token?) is the ground truth the file must rep
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -48,32 +47,80 @@ class _Tensor:
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
     source: str | None = None  # HF tensor name; None for tensors computed here (rope_freqs)
-    file: Path | None = None
     heads: int = 0  # > 0: permute rows for llama.cpp's rope layout (q_proj, k_proj)
     data: np.ndarray | None = None  # computed tensors
 
 
 def write_gguf(
-    model_dir: str | Path, out_file: str | Path, quant: str = "f16", *, metadata_name: str | None = None
+    model_dir: str | Path,
+    out_file: str | Path,
+    quant: str = "f16",
+    *,
+    metadata_name: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export `model_dir` (config.json, safetensors, tokenizer.json) to the GGUF file `out_file`; return its path.
 
     quant: f32, f16, bf16 or q8_0 for the matrices. As in llama.cpp's own converter, 1-D tensors (norms) always
     stay f32, and with q8_0 a matrix whose rows are not a multiple of the Q8_0 block size (32) is stored as f16.
     The file is written under a temporary name in the same directory and renamed at the end, so a failed export
-    leaves nothing behind; an existing `out_file` is never replaced.
+    leaves nothing behind; an existing `out_file` is replaced only with `overwrite`.
     """
-    model_dir, out_file = Path(model_dir), Path(out_file)
+    from peftcli.export.base_checkpoint import BaseCheckpoint
+
+    model_dir = Path(model_dir)
+    config = _read_config(model_dir)
+    checkpoint = BaseCheckpoint(_weight_files(model_dir))
+    try:
+        shapes = {name: shape for name, (shape, _) in checkpoint.shapes.items()}
+        name = metadata_name or model_dir.resolve().name
+        return _write(shapes, checkpoint.read, config, model_dir, Path(out_file), quant, name, overwrite)
+    finally:
+        checkpoint.close()
+
+
+def write_gguf_from_run(
+    run_dir: str | Path, out_file: str | Path, quant: str = "f16", *, base: str | None = None, overwrite: bool = False
+) -> tuple[Path, list[str]]:
+    """Merge a run's adapter into its base straight into a GGUF file; returns the file and the merge's notes.
+
+    Each merged tensor goes from the merge to the quantizer to the file, in fp32 one at a time: no merged
+    copy of the model is staged anywhere, so memory stays near the largest tensor.
+    """
+    import torch
+
+    from peftcli.export.merge import open_merge
+
+    run_dir = Path(run_dir)
+    source = open_merge(run_dir, base, "fp32")
+    try:
+        if source.base_dir is not None:
+            config = json.loads((source.base_dir / "config.json").read_text(encoding="utf-8"))
+            if source.plan.untied:
+                config["tie_word_embeddings"] = False
+        else:
+            config = source.config(torch.float32).to_dict()
+        check_exportable(config, f"{run_dir} (base {source.section.name_or_path})")
+        shapes = {key: source.shape(key) for key in source.output_keys()}
+        tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else source.base_dir
+        name = run_dir.resolve().name
+        out = _write(shapes, source.read, config, tokenizer_dir, Path(out_file), quant, name, overwrite)
+    finally:
+        source.close()
+    return out, source.notes
+
+
+def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quant: str, name: str, overwrite: bool):
+    """The GGUF file from tensor shapes (HF names) and `read(name)`, one tensor in memory at a time."""
     if quant not in GGUF_TYPES:
         raise PeftCliError(f"unknown gguf type {quant!r}; choose one of {', '.join(GGUF_TYPES)}")
-    if out_file.exists():
+    if out_file.exists() and not overwrite:
         raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
-    config = _read_config(model_dir)
-    tensors, n_vocab = _plan_tensors(model_dir, config, quant)
+    tensors, n_vocab = _plan_tensors(shapes, config, quant, str(tokenizer_dir))
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    _add_hparams(writer, config, metadata_name or model_dir.resolve().name, n_vocab, quant)
-    _add_tokenizer(writer, model_dir, n_vocab)
+    _add_hparams(writer, config, name, n_vocab, quant)
+    _add_tokenizer(writer, tokenizer_dir, n_vocab)
     for t in tensors:
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype))
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
@@ -85,12 +132,10 @@ def write_gguf(
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with contextlib.ExitStack() as stack:
-            handles: dict[Path, object] = {}
-            for t in tensors:
-                writer.write_tensor_data(_encode(_load(t, handles, stack), t))
+        for t in tensors:
+            writer.write_tensor_data(_encode(_load(t, read), t))
         writer.close()
-        if out_file.exists():  # someone wrote it while we were busy
+        if out_file.exists() and not overwrite:  # someone wrote it while we were busy
             raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
         os.replace(tmp, out_file)
     except BaseException:
@@ -210,22 +255,15 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return [model_dir / "model.safetensors"]
 
 
-def _plan_tensors(model_dir: Path, config: dict, quant: str) -> tuple[list[_Tensor], int]:
-    """Every output tensor with name, shape and type, read from safetensors headers only; also the vocab size."""
-    from safetensors import safe_open
-
+def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[list[_Tensor], int]:
+    """Every output tensor with name, shape and type, from the HF tensor shapes; also the vocab size."""
     n_layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     tied = config.get("tie_word_embeddings", False)
-    shapes = {}
-    for file in _weight_files(model_dir):
-        with safe_open(file, framework="pt") as f:
-            for source in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
-                shapes[source] = (tuple(f.get_slice(source).get_shape()), file)
     tensors, unknown = [], []
-    for source, (shape, file) in shapes.items():
+    for source, shape in shapes.items():
         if source.endswith("rotary_emb.inv_freq") or (tied and source == "lm_head.weight"):
             continue  # recomputed by llama.cpp / shared with token_embd (llama.cpp falls back to it)
         name = names.get_name(source, try_suffixes=(".weight", ".bias"))
@@ -233,14 +271,14 @@ def _plan_tensors(model_dir: Path, config: dict, quant: str) -> tuple[list[_Tens
             unknown.append(source)
             continue
         permute = kv_heads if ".attn_k." in name else heads if ".attn_q." in name else 0
-        tensors.append(_Tensor(name, shape, _storage_type(shape, quant), source, file, permute))
+        tensors.append(_Tensor(name, tuple(shape), _storage_type(shape, quant), source, permute))
     if unknown:
         raise PeftCliError(f"gguf export does not know where these tensors go: {', '.join(sorted(unknown)[:5])}")
     by_name = {t.name: t for t in tensors}
     if "token_embd.weight" not in by_name:
-        raise PeftCliError(f"{model_dir} has no token embedding (model.embed_tokens.weight)")
+        raise PeftCliError(f"{where} has no token embedding (model.embed_tokens.weight)")
     if not tied and "output.weight" not in by_name:
-        raise PeftCliError(f"{model_dir} has no lm_head.weight and does not tie it to the embedding")
+        raise PeftCliError(f"{where} has no lm_head.weight and does not tie it to the embedding")
     if _rope(config)["rope_type"] == "llama3":
         factors = _llama3_rope_factors(config)
         tensors.append(_Tensor("rope_freqs.weight", factors.shape, _QTYPE.F32, data=factors))
@@ -258,16 +296,13 @@ def _storage_type(shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationTy
     return qtype
 
 
-def _load(t: _Tensor, handles: dict, stack: contextlib.ExitStack) -> np.ndarray:
+def _load(t: _Tensor, read) -> np.ndarray:
     """One tensor as float32, permuted for llama.cpp when it is q_proj or k_proj."""
     if t.data is not None:
         return t.data
     import torch
-    from safetensors import safe_open
 
-    if t.file not in handles:
-        handles[t.file] = stack.enter_context(safe_open(t.file, framework="pt"))
-    array = handles[t.file].get_tensor(t.source).to(torch.float32).numpy()
+    array = read(t.source).to(torch.float32).numpy()
     if t.heads:
         # HF rotates the two halves of each head against each other; llama.cpp rotates adjacent pairs.
         # Interleaving the halves row-wise makes the two agree (transformers undoes this on GGUF load).

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -172,6 +174,20 @@ class _Plan:
     aliases: dict[str, list[str]] = field(default_factory=dict)
     untied: list[str] = field(default_factory=list)  # every name of such a pair, for the report
 
+    # Both are derived on first use, once the plan is complete (after _untie).
+    @cached_property
+    def parts_of(self) -> dict[str, list[str]]:
+        """The checkpoint keys each wrapped layer merges (its weight, and bias if any)."""
+        parts: dict[str, list[str]] = {owner: [] for owner in self.wrapped}
+        for key, owner in self.owner_of.items():
+            parts[owner].append(key)
+        return parts
+
+    @cached_property
+    def stored_as(self) -> dict[str, str]:
+        """Each tied copy -> the checkpoint key it is read from."""
+        return {copy: stored for stored, copies in self.aliases.items() for copy in copies}
+
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:
     """Checkpoint names of each weight the base ties (an output head tied to the embedding).
@@ -254,17 +270,10 @@ def _check_fit(plan: _Plan, model: nn.Module, keys: dict, base: str) -> None:
             )
 
 
-def _output_layout(keys: dict, plan: _Plan, out_dtype: torch.dtype) -> list[OutputTensor]:
-    """Every output tensor in checkpoint order (then tensors the base lacks): floats in the output dtype."""
-    layout = []
-    for key, (shape, dtype) in keys.items():
-        if key in plan.replaced:
-            shape, dtype = plan.replaced[key].shape, plan.replaced[key].dtype
-        layout.append(OutputTensor(key, out_dtype if dtype.is_floating_point else dtype, tuple(shape)))
-    for key in plan.new_keys:
-        value = plan.replaced[key]
-        layout.append(OutputTensor(key, out_dtype if value.is_floating_point() else value.dtype, tuple(value.shape)))
-    return layout
+def _output_tensor(key: str, source: MergeSource, out_dtype: torch.dtype) -> OutputTensor:
+    """Where a tensor goes in the output: floats in the output dtype, others as they are."""
+    dtype = source.plan.replaced[key].dtype if key in source.plan.replaced else source.keys[key][1]
+    return OutputTensor(key, out_dtype if dtype.is_floating_point else dtype, source.shape(key))
 
 
 def _open_writer(out_dir: Path, layout: list[OutputTensor], max_bytes: int) -> ShardSetWriter:
@@ -336,17 +345,7 @@ def _publish(tmp: Path, output: Path) -> None:
         tmp.rename(output)
 
 
-def _copy_side_files(
-    adapter_dir: Path, base_dir: Path | None, out: Path, config, dtype: torch.dtype, untied: bool
-) -> None:
-    config = config.__class__.from_dict(config.to_dict())
-    config.dtype = dtype
-    if untied:
-        for part in {id(c): c for c in (config, config.get_text_config())}.values():
-            part.tie_word_embeddings = False
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.use_cache = True
+def _copy_side_files(adapter_dir: Path, base_dir: Path | None, out: Path, config) -> None:
     config.save_pretrained(out)
     for name in TOKENIZER_FILES:
         source = adapter_dir / name if (adapter_dir / name).is_file() else (base_dir / name if base_dir else None)
@@ -364,24 +363,98 @@ def _gguf_state(section: ModelSection, label_names) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def merge_adapter_dir(
-    adapter_dir: str | Path,
-    output: str | Path,
-    *,
-    base: str | None = None,
-    dtype: str = "bf16",
-    max_shard_size: str | None = None,
-    overwrite: bool = False,
-    progress=None,
-    check=None,
-) -> MergeResult:
-    """Merge the adapter in `adapter_dir` into its base and write a Hugging Face model directory at `output`.
+@dataclass
+class MergeSource:
+    """A base checkpoint with a trained adapter folded in, tensor by tensor; no model is ever built.
 
-    `check`, if given, is called with the finished directory before it is put in place; an exception from it
-    leaves nothing behind.
+    `stream` gives every output tensor in checkpoint order, reading each base file once front to back (what
+    `peft merge` writes into safetensors shards); `read` gives any one tensor on its own (what the GGUF writer
+    asks for, in its own order). Wrapped layers are merged on their real base tensors in fp32 by their own
+    `merge()`; tensors trained in full come from the adapter.
     """
-    started = time.perf_counter()
-    adapter_dir, output = Path(adapter_dir), Path(output)
+
+    method: str
+    section: ModelSection
+    skeleton: nn.Module
+    plan: _Plan
+    keys: dict[str, tuple[tuple[int, ...], torch.dtype]]  # every base tensor the output has, with tied copies
+    base_dir: Path | None
+    shards: list[Path]
+    notes: list[str]
+    checkpoint: BaseCheckpoint | None = None
+    gguf_state: dict[str, torch.Tensor] | None = None
+    merged_layers: int = 0
+    _merged: dict[str, torch.Tensor] = field(default_factory=dict)  # a layer's merged leaves not yet read
+
+    def output_keys(self) -> list[str]:
+        """Every tensor of the merged model: the base's, then those only the adapter has (a new head)."""
+        return [*self.keys, *self.plan.new_keys]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if key in self.plan.replaced:
+            return tuple(self.plan.replaced[key].shape)
+        return tuple(self.keys[key][0])
+
+    def stream(self, progress=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every output tensor, base files read once in order."""
+        plan = self.plan
+        waiting: dict[str, dict[str, torch.Tensor]] = {}  # a wrapped layer's tensors, until all have been read
+        source = self.checkpoint.tensors(progress) if self.checkpoint is not None else iter(self.gguf_state.items())
+        for stored_key, tensor in source:
+            for key in (stored_key, *plan.aliases.get(stored_key, ())):
+                owner = plan.owner_of.get(key)
+                if owner is None:
+                    yield key, plan.replaced.get(key, tensor)
+                    continue
+                group = waiting.setdefault(owner, {})
+                group[key] = tensor
+                if all(k in group for k in plan.parts_of[owner]):
+                    yield from _merge_layer(plan.wrapped[owner], owner, waiting.pop(owner)).items()
+                    self.merged_layers += 1
+                del group
+            del tensor
+        for key in plan.new_keys:
+            yield key, plan.replaced[key]
+        if waiting:
+            raise AdapterError(f"the base checkpoint lacks tensors of {', '.join(sorted(waiting))}")
+
+    def read(self, key: str) -> torch.Tensor:
+        """One output tensor on its own (a wrapped layer is merged when its first tensor is asked for)."""
+        plan = self.plan
+        owner = plan.owner_of.get(key)
+        if owner is None:
+            return plan.replaced[key] if key in plan.replaced else self._base(key)
+        if key not in self._merged:
+            base = {k: self._base(k) for k in plan.parts_of[owner]}
+            self._merged.update(_merge_layer(plan.wrapped[owner], owner, base))
+            self.merged_layers += 1
+        return self._merged.pop(key)
+
+    def _base(self, key: str) -> torch.Tensor:
+        stored = self.plan.stored_as.get(key, key)
+        return self.checkpoint.read(stored) if self.checkpoint is not None else self.gguf_state[stored]
+
+    def config(self, dtype: torch.dtype):
+        """The merged model's transformers config: `dtype`, no quantization, the tie undone if it was."""
+        config = self.skeleton.config
+        config = config.__class__.from_dict(config.to_dict())
+        config.dtype = dtype
+        if self.plan.untied:
+            for part in {id(c): c for c in (config, config.get_text_config())}.values():
+                part.tie_word_embeddings = False
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.use_cache = True
+        return config
+
+    def close(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+
+
+def open_merge(adapter_dir: str | Path, base: str | None = None, dtype: str = "bf16") -> MergeSource:
+    """Check a run's adapter against its base and prepare to read the merged tensors (`dtype`: for the notes)."""
+    adapter_dir = Path(adapter_dir)
     method, params, raw = read_adapter_config(adapter_dir)
     spec = get_tuner(method)
     if not spec.capabilities.mergeable:
@@ -408,10 +481,9 @@ def merge_adapter_dir(
             named[target].data = torch.zeros(named[target].shape, dtype=named[target].dtype)
     load_adapter_tensors(skeleton, adapter)
     plan = _plan(skeleton, info.param_names)
-
     del adapter  # its values now live in the skeleton
 
-    checkpoint, base_dir, shards = None, None, []
+    checkpoint, gguf_state, base_dir, shards = None, None, None, []
     if is_gguf(section.name_or_path):
         gguf_state = _gguf_state(section, labels)
         keys = {k: (tuple(v.shape), v.dtype) for k, v in gguf_state.items()}
@@ -446,54 +518,56 @@ def merge_adapter_dir(
     plan.new_keys = [k for k in plan.replaced if k not in keys]
     if _trained_quantized(adapter_dir):
         notes.append("the run trained on a quantized base; its update is merged into the base's 16-bit weights")
+    return MergeSource(method, section, skeleton, plan, keys, base_dir, shards, notes, checkpoint, gguf_state)
 
+
+def merge_adapter_dir(
+    adapter_dir: str | Path,
+    output: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str = "bf16",
+    max_shard_size: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+    check=None,
+) -> MergeResult:
+    """Merge the adapter in `adapter_dir` into its base and write a Hugging Face model directory at `output`.
+
+    `check`, if given, is called with the finished directory before it is put in place; an exception from it
+    leaves nothing behind.
+    """
+    started = time.perf_counter()
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    source = open_merge(adapter_dir, base, dtype)
     out_dtype = DTYPES[dtype]
-    largest = max((p.stat().st_size for p in shards), default=0)
+    largest = max((p.stat().st_size for p in source.shards), default=0)
     limit = parse_size(max_shard_size) if max_shard_size else max(largest, 1 << 30)
-    layout = _output_layout(keys, plan, out_dtype)
+    layout = [_output_tensor(key, source, out_dtype) for key in source.output_keys()]
     tmp = _open_output(output, overwrite)
     try:
         writer = _open_writer(tmp, layout, limit)
-        waiting: dict[str, dict[str, torch.Tensor]] = {}  # a wrapped layer's tensors, until all have been read
-        needed = {owner: [k for k, o in plan.owner_of.items() if o == owner] for owner in plan.wrapped}
-        merged_layers = 0
-        source = checkpoint.tensors(progress) if checkpoint is not None else iter(gguf_state.items())
-        for stored_key, tensor in source:
-            for key in (stored_key, *plan.aliases.get(stored_key, ())):
-                owner = plan.owner_of.get(key)
-                if owner is None:
-                    value = plan.replaced.get(key, tensor)
-                    writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
-                    continue
-                group = waiting.setdefault(owner, {})
-                group[key] = tensor
-                if all(k in group for k in needed[owner]):
-                    for merged_key, value in _merge_layer(plan.wrapped[owner], owner, waiting.pop(owner)).items():
-                        writer.write(merged_key, value.to(out_dtype))
-                    merged_layers += 1
-                del group
-            del tensor
-        for key in plan.new_keys:
-            writer.write(key, plan.replaced[key].to(out_dtype))
-        if waiting:
-            raise AdapterError(f"the base checkpoint lacks tensors of {', '.join(sorted(waiting))}")
+        for key, value in source.stream(progress):
+            writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
         writer.close()
-        _copy_side_files(adapter_dir, base_dir, tmp, skeleton.config, out_dtype, bool(plan.untied))
+        _copy_side_files(adapter_dir, source.base_dir, tmp, source.config(out_dtype))
         if check is not None:
             check(tmp)
         _publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        source.close()
     return MergeResult(
         output=output,
-        method=method,
-        base=section.name_or_path,
+        method=source.method,
+        base=source.section.name_or_path,
         dtype=dtype,
         shards=len(writer.files),
         tensors=len(layout),
-        merged_modules=merged_layers,
+        merged_modules=source.merged_layers,
         bytes_written=writer.total_bytes,
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=source.notes,
     )
