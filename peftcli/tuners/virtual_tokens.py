@@ -247,20 +247,20 @@ def cache_length(cache) -> int:
 
 
 _FORWARD_NAMES: dict[type, list[str]] = {}
-_CACHE_NAMES: dict[type, str] = {}
+_CACHE_NAMES: dict[type, str | None] = {}
 # transformers 5.24 renamed the cache argument of every forward and of generate from `past_key_values` to
 # `cache` (the old name is still accepted, with a deprecation, until 5.40); both names are read here.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
-def cache_argument(model: nn.Module) -> str:
-    """The name under which this model's forward takes its key/value cache."""
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which this model's forward takes its key/value cache; None if it takes none."""
     cls = type(model)
     if cls not in _CACHE_NAMES:
         # A task head (BertForSequenceClassification) may pass the cache on through **kwargs: ask its base too.
         base = getattr(model, "base_model", model)
         names = set(inspect.signature(cls.forward).parameters) | set(inspect.signature(type(base).forward).parameters)
-        _CACHE_NAMES[cls] = next((name for name in CACHE_ARGUMENTS if name in names), "past_key_values")
+        _CACHE_NAMES[cls] = next((name for name in CACHE_ARGUMENTS if name in names), None)
     return _CACHE_NAMES[cls]
 
 
@@ -369,7 +369,7 @@ class VirtualTokenHooks:
         if self.style == "prefix" and fresh:
             cache = self.prefix_cache(batch)
         if cache is not None:
-            kwargs[cache_argument(module)] = cache
+            kwargs[cache_argument(module) or "past_key_values"] = cache
         if self.style == "prefix":
             if positions is not None:
                 kwargs["position_ids"] = positions + count
@@ -399,7 +399,7 @@ class VirtualTokenHooks:
             cache = _take_cache(kwargs)
             if cache_length(cache) == 0:
                 cache = self.prefix_cache(_batch_size(kwargs))
-            kwargs[cache_argument(module)] = cache
+            kwargs[cache_argument(module) or "past_key_values"] = cache
             kwargs["decoder_attention_mask"] = _with_ones(kwargs.get("decoder_attention_mask"), count)
         else:
             # The encoder hook adds the virtual tokens; the decoder's cross-attention must see them too.
@@ -445,6 +445,11 @@ def install_virtual_tokens(
     """Attach `source` as `model.prompt_encoder` and hook the model so every forward includes the prompt."""
     if hasattr(model, PROMPT_ATTR):
         raise PeftCliError(f"method.name: the model already has an attribute {PROMPT_ATTR!r}; cannot add a prompt")
+    if style == "prefix" and cache_argument(model) is None:
+        raise PeftCliError(
+            f"method.name: prefix tuning puts keys and values in the attention cache, and {type(model).__name__} "
+            "takes no cache; use prompt_tuning or p_tuning"
+        )
     embed = model.get_input_embeddings()
     source.to(embed.weight.device)
     model.add_module(PROMPT_ATTR, source)

@@ -15,14 +15,12 @@ in fp32 whatever the base dtype.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from peftcli.errors import PeftCliError
 from peftcli.tuners.bottleneck.spec import BottleneckParams
-from peftcli.tuners.inject import find_targets, replace_module, task_head_names
+from peftcli.tuners.inject import find_targets, replace_module
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -58,6 +56,7 @@ OUTPUT_LAYERS: dict[str, tuple[str, str]] = {
     "distilbert": (r".*\.attention\.out_lin", r".*\.ffn\.lin2"),
     "phi": (r".*\.self_attn\.dense", r".*\.mlp\.fc2"),
     "gpt_neox": (r".*\.attention\.dense", r".*\.mlp\.dense_4h_to_h"),
+    "gpt2": (r".*\.attn\.c_proj", r".*\.mlp\.c_proj"),  # Conv1D layers, wrapped as linear ones
 }
 
 
@@ -115,20 +114,13 @@ def _placement_targets(model: nn.Module, params: BottleneckParams) -> list[str]:
         )
     attention, feed_forward = OUTPUT_LAYERS[model_type]
     patterns = [attention, feed_forward] if params.placement == "houlsby" else [feed_forward]
-    heads = task_head_names(model)
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear)
-        and not any(name == h or name.startswith(h + ".") for h in heads)
-        and any(re.fullmatch(p, name) for p in patterns)
-    ]
-    if not targets:
+    try:  # find_targets leaves task heads out and turns Conv1D layers (GPT-2) into linear ones
+        return find_targets(model, "|".join(f"(?:{p})" for p in patterns), None, ("Linear",), "bottleneck")
+    except PeftCliError:
         raise PeftCliError(
             f"method.target_modules: the {params.placement} placement found no output layer in this "
             f"{model_type} model; set method.target_modules to the layers to put adapters after"
-        )
-    return targets
+        ) from None
 
 
 def apply_method(model: nn.Module, params: BottleneckParams, context: AdapterContext) -> AppliedMethod:

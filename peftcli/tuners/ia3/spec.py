@@ -26,6 +26,7 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
     **dict.fromkeys(("t5", "mt5"), (["k", "v", "wo"], ["wo"])),
     **dict.fromkeys(("opt", "bart"), (["k_proj", "v_proj", "fc2"], ["fc2"])),
     **dict.fromkeys(("gpt_neox", "falcon"), (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),  # Conv1D layers; c_attn is the fused q/k/v projection
 }
 
 
