@@ -98,6 +98,8 @@ class RichReporter:
         )
         if plan.get("quantization"):
             c.print(f"base quantized: {plan['quantization']}; optimizer {plan['optimizer']}", highlight=False)
+        for note in plan.get("notes", ()):
+            c.print(f"[yellow]note[/yellow]: {note}", highlight=False)
         if stats["truncated"] or stats["dropped_no_labels"]:
             c.print(
                 f"[yellow]note[/yellow]: {stats['truncated']} training examples truncated to data.max_length, "

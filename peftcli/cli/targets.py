@@ -19,6 +19,7 @@ def targets(
     from rich.console import Console
     from rich.table import Table
 
+    from peftcli.models.experts import experts_left_out
     from peftcli.models.load import build_empty_model
     from peftcli.recipe.load import load_recipe
     from peftcli.tuners.adapter import apply_adapter
@@ -45,3 +46,6 @@ def targets(
         f"({trainable / max(1, total):.3%} of {total:,})",
         highlight=False,
     )
+    note = experts_left_out(model, info.param_names)
+    if note:
+        console.print(f"note: {note}", highlight=False)

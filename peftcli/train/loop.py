@@ -24,6 +24,7 @@ import peftcli
 from peftcli.data.collate import PadCollator
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import PeftCliError
+from peftcli.models.experts import experts_left_out
 from peftcli.models.load import enable_activation_checkpointing, load_base_model, load_tokenizer
 from peftcli.models.quantize import describe_quantization
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
@@ -316,6 +317,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             "label_names": label_names,
             "device": str(accelerator.device),
             "data_stats": {k: vars(v) for k, v in data.stats.items()},
+            "notes": [note for note in [experts_left_out(unwrapped, info.param_names)] if note],
         }
     )
 

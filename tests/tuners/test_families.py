@@ -190,3 +190,17 @@ def test_family_with_method(family, method, family_dir, tmp_path, one_torch_thre
         merged = _load(tmp_path / "merged", task)
         # fp32; merged and unmerged differ by summation order only
         torch.testing.assert_close(_logits(merged, task), expected, atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_the_plan_says_which_experts_an_adapter_leaves_out(family, family_dir):
+    from peftcli.models.experts import experts_left_out
+
+    model = _load(family_dir(family), "causal_lm")
+    info = apply_adapter(model, get_tuner("lora").params(r=4), AdapterContext())
+    note = experts_left_out(model, info.param_names)
+    assert note is not None and "4 fused 3-D parameters (down_proj, gate_up_proj)" in note, note
+    assert not any(".experts." in name for name in info.targeted)
+    full = _load(family_dir(family), "causal_lm")
+    trained = apply_adapter(full, get_tuner("full").params(), AdapterContext())
+    assert experts_left_out(full, trained.param_names) is None
