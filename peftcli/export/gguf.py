@@ -22,9 +22,28 @@ from peftcli.errors import PeftCliError
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Both use llama.cpp's "llama" architecture: same tensors, same maths.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# HF architecture -> llama.cpp architecture. Llama and Mistral share llama.cpp's "llama" graph, whose rope
+# rotates adjacent pairs, so their q/k rows are permuted; Qwen2 and Qwen3 rotate halves (NeoX style) as HF
+# does, so theirs are written as they are. Qwen2 has q/k/v biases, Qwen3 q/k norms: the tensor maps know both.
+LLAMA_CPP_ARCH = {
+    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+}
+SUPPORTED_ARCHITECTURES = tuple(LLAMA_CPP_ARCH)
 # A config.json may name only its model_type (no `architectures` list).
-ARCHITECTURE_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHITECTURE_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# The Qwen2 family's pre-tokenizer split, as its tokenizer.json states it (llama.cpp's "qwen2" splitter).
+QWEN2_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 # HF rope types llama.cpp reproduces exactly for the llama architecture. "dynamic" has no llama.cpp counterpart;
 # yarn/longrope differ in details (attention factor, per-dim factors) that are not checked here, so they are refused.
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -118,7 +137,7 @@ def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quan
         raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
     tensors, n_vocab = _plan_tensors(shapes, config, quant, str(tokenizer_dir))
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_llama_cpp_arch(config)])
     _add_hparams(writer, config, name, n_vocab, quant)
     _add_tokenizer(writer, tokenizer_dir, n_vocab)
     for t in tensors:
@@ -160,15 +179,16 @@ def check_exportable(config: dict, where: str) -> None:
 
     Called on the base's config before an adapter is merged, so a refusal costs nothing.
     """
-    arch = (config.get("architectures") or [None])[0] or ARCHITECTURE_BY_MODEL_TYPE.get(config.get("model_type"))
+    arch = _architecture(config)
     if arch not in SUPPORTED_ARCHITECTURES:
         shown = arch or f"model_type {config.get('model_type', 'unknown')!r}"
         raise PeftCliError(
             f"{where}: gguf export supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {shown}; "
             "export --format safetensors instead and convert with llama.cpp's own converter"
         )
-    # llama.cpp's llama graph has no biases on these layers and uses SiLU; refuse rather than export wrong maths.
-    for option in ("attention_bias", "mlp_bias"):
+    # llama.cpp's graphs for these have no such biases (Qwen2's q/k/v biases are its own) and use SiLU;
+    # refuse rather than export wrong maths.
+    for option in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if config.get(option):
             raise PeftCliError(f"{where}: gguf export does not handle {option}=true")
     if config.get("hidden_act", "silu") != "silu":
@@ -189,6 +209,14 @@ def _rope(config: dict) -> dict:
     return rope
 
 
+def _architecture(config: dict) -> str | None:
+    return (config.get("architectures") or [None])[0] or ARCHITECTURE_BY_MODEL_TYPE.get(config.get("model_type"))
+
+
+def _llama_cpp_arch(config: dict) -> gguf.MODEL_ARCH:
+    return LLAMA_CPP_ARCH[_architecture(config)]
+
+
 def _head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
@@ -196,8 +224,9 @@ def _head_dim(config: dict) -> int:
 def _context_length(config: dict) -> int:
     # Mistral's sliding window only differs from full attention beyond the window, so advertising the window as
     # the trained context keeps llama.cpp (which has no sliding window for this architecture) exact by default.
+    # Qwen2/Qwen3 configs name a window but turn it off (use_sliding_window: false; true is refused).
     length = config["max_position_embeddings"]
-    window = config.get("sliding_window")
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     return min(length, window) if window else length
 
 
@@ -214,9 +243,9 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, n_vocab: int,
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    if head_dim * heads != config["hidden_size"]:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # Always stated, so no reader has to derive it from the width (Qwen3's is not width / heads).
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     rope = _rope(config)
@@ -260,7 +289,9 @@ def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[l
     n_layers = config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    arch = _llama_cpp_arch(config)
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    rotate_pairs = arch == gguf.MODEL_ARCH.LLAMA
     tied = config.get("tie_word_embeddings", False)
     tensors, unknown = [], []
     for source, shape in shapes.items():
@@ -270,7 +301,9 @@ def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[l
         if name is None:
             unknown.append(source)
             continue
-        permute = kv_heads if ".attn_k." in name else heads if ".attn_q." in name else 0
+        permute = 0
+        if rotate_pairs and name.endswith(".weight"):
+            permute = kv_heads if ".attn_k." in name else heads if ".attn_q." in name else 0
         tensors.append(_Tensor(name, tuple(shape), _storage_type(shape, quant), source, permute))
     if unknown:
         raise PeftCliError(f"gguf export does not know where these tensors go: {', '.join(sorted(unknown)[:5])}")
@@ -326,9 +359,21 @@ def _pre_tokenizer_name(tokenizer: dict) -> str | None:
 
     if len(steps) == 1 and byte_level(steps[0]):
         return "gpt-2"
+    if len(steps) == 2 and _is_qwen2_split(steps[0]) and steps[1].get("type") == "ByteLevel":
+        return "qwen2" if not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space") else None
     if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits"):
         return "smollm" if byte_level(steps[1]) else None  # each digit alone, then the GPT-2 regex
     return None
+
+
+def _is_qwen2_split(step: dict) -> bool:
+    pattern = step.get("pattern") or {}
+    return (
+        step.get("type") == "Split"
+        and pattern.get("Regex") == QWEN2_SPLIT
+        and step.get("behavior") == "Isolated"
+        and not step.get("invert")
+    )
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
@@ -339,9 +384,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> No
     tokenizer = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer.get("model") or {}
     pre = _pre_tokenizer_name(tokenizer)
-    if model.get("type") != "BPE" or model.get("byte_fallback") or tokenizer.get("normalizer") or pre is None:
+    # Qwen2's tokenizers normalize to NFC, which llama.cpp's qwen2 vocabulary takes as it is (its converter too).
+    normalizer = tokenizer.get("normalizer")
+    plain = normalizer is None or (pre == "qwen2" and normalizer == {"type": "NFC"})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not plain or pre is None:
         raise PeftCliError(
-            f"gguf export handles byte-level BPE tokenizers (GPT-2 or SmolLM style); {path} is a different kind"
+            f"gguf export handles byte-level BPE tokenizers (GPT-2, SmolLM or Qwen2 style); {path} is a different kind"
         )
     tokens: list[str | None] = [None] * n_vocab
     types = [gguf.TokenType.UNUSED] * n_vocab

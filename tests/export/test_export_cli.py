@@ -79,19 +79,20 @@ def test_gguf_refuses_a_base_it_cannot_write_before_merging(trained_run, tmp_pat
 
     import yaml
 
-    # The run's base as a Qwen2 checkpoint: same tensors, but an architecture the GGUF writer does not cover.
+    # The run's base labelled Gemma2: an architecture the GGUF writer does not cover.
     recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())
-    qwen = tmp_path / "qwen2-base"
-    shutil.copytree(recipe["model"]["name_or_path"], qwen)
-    config = json.loads((qwen / "config.json").read_text())
-    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
-    (qwen / "config.json").write_text(json.dumps(config))
+    other = tmp_path / "gemma2-base"
+    shutil.copytree(recipe["model"]["name_or_path"], other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2")
+    (other / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out" / "model.gguf"
-    result = run_cli("export", str(trained_run), "--format", "gguf", "--base", str(qwen), "-o", str(out))
+    result = run_cli("export", str(trained_run), "--format", "gguf", "--base", str(other), "-o", str(out))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {trained_run} (base {qwen}): gguf export supports LlamaForCausalLM, MistralForCausalLM, not "
-        "Qwen2ForCausalLM; export --format safetensors instead and convert with llama.cpp's own converter"
+        f"error: {trained_run} (base {other}): gguf export supports LlamaForCausalLM, MistralForCausalLM, "
+        "Qwen2ForCausalLM, Qwen3ForCausalLM, not Gemma2ForCausalLM; export --format safetensors instead and convert "
+        "with llama.cpp's own converter"
     )
     assert "merged" not in result.stdout + result.stderr  # refused before any merge
     assert not (tmp_path / "out").exists()

@@ -568,3 +568,135 @@ def test_smollm2_with_an_adapter_exports_to_gguf_that_llama_cpp_runs_like_transf
             rows = adapted(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
         for step, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             assert row[token] >= row.max() - limits[quant], (quant, step, token, row.max().item(), row[token].item())
+
+
+# ---------------------------------------------------------------- Qwen2 and Qwen3
+
+
+def _qwen_dir(out: Path, family: str) -> Path:
+    """A tiny random Qwen2 (q/k/v biases) or Qwen3 (q/k norms, tied head) with the tiny tokenizer; the biases
+    and norms get random values, so a wrong mapping of them shows."""
+    import transformers
+
+    tokenizer = build_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    if family == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        model_class = transformers.Qwen2ForCausalLM
+    else:
+        # head_dim 128 as every Qwen3 has (not width / heads): transformers' GGUF reader assumes it
+        config = transformers.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True)
+        model_class = transformers.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") or "_norm" in name:
+                param.normal_(1.0 if "_norm" in name else 0.0, 0.3)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_loads_in_transformers_with_the_same_logits(family, quant, tmp_path, one_torch_thread):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _qwen_dir(tmp_path / "hf", family)
+    out = _export(model_dir, tmp_path / "gguf", quant)
+    assert _field(out, "general.architecture") == family
+    names = set(_tensors(out))
+    assert ("blk.0.attn_q.bias" in names) == (family == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) == (family == "qwen3")
+    assert ("output.weight" in names) == (family == "qwen2")  # Qwen3's head is tied
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.tensor(_prompts(2, 24))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - _hf_model(model_dir)(ids).logits).abs()
+    worst, mean = LOGIT_LIMITS[quant]
+    assert diff.max() <= worst and diff.mean() <= mean, (diff.max().item(), diff.mean().item())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_llama_cpp_runs_qwen_like_hf(family, tmp_path, one_torch_thread):
+    model_dir = _qwen_dir(tmp_path / "hf", family)
+    out = _export(model_dir, tmp_path / "gguf", "f32")
+    model = _hf_model(model_dir)
+    prompts = _prompts()
+    with llama_server(out) as post:
+        replies = [_llama_continuation(post, prompt, 8) for prompt in prompts]
+    for prompt, reply in zip(prompts, replies, strict=True):
+        # every log-prob within the f32 limit of HF's, every token HF's argmax or a near-tie (a model with a
+        # wrong rope or a missing bias is off by several units); where no step is a near-tie, greedy agrees
+        if _check_reply(model, prompt, reply, LOGPROB_LIMITS["f32"]):
+            assert reply["tokens"] == _hf_greedy(model, prompt, 8)
+
+
+def test_llama_cpp_tokenizes_like_a_qwen2_tokenizer(tmp_path):
+    """Qwen2's pre-tokenizer (its split regex, then byte-level without regex) and NFC normalizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from peftcli.examples.tiny import toy_lines
+
+    core = Tokenizer(models.BPE())
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(export.QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(toy_lines(3000) + TEXTS * 50, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    model_dir = _qwen_dir(tmp_path / "hf", "qwen2")
+    tokenizer.save_pretrained(model_dir)  # replaces the tiny tokenizer; same vocabulary size
+    out = _export(model_dir, tmp_path / "gguf")
+    assert _field(out, "tokenizer.ggml.pre") == "qwen2"
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    texts = [*TEXTS[:4], "I'LL say THEY'RE here\r\n\r\n  x  ", "12345 apples, 6 pears"]
+    with llama_server(out) as post:
+        llama = [post("/tokenize", {"content": text})["tokens"] for text in texts]
+    assert llama == [hf.encode(text) for text in texts]
+
+
+def test_a_qwen3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thread):
+    """LoRA on Qwen3 including its tied embedding: the run's GGUF reads back as base + adapter."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.export.gguf import write_gguf_from_run
+    from peftcli.tuners.adapter import apply_adapter, save_adapter
+    from peftcli.tuners.lora.spec import LoraParams
+
+    model_dir = _qwen_dir(tmp_path / "hf", "qwen3")
+    model = _hf_model(model_dir)
+    torch.manual_seed(0)
+    apply_adapter(model, LoraParams(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    run = tmp_path / "run"
+    save_adapter(model, run, base_model_name_or_path=str(model_dir))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
+    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    assert any("tie_word_embeddings: false" in note for note in notes)
+    assert "output.weight" in _tensors(out)  # the head stays the base's while the embedding is merged
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.tensor(_prompts(2, 24))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (expected - _hf_model(model_dir)(ids).logits).abs().max() > 0.1
+        diff = (loaded(ids).logits - expected).abs().max().item()
+    assert diff < 1e-4, diff  # f32 file: merged and unmerged differ by summation order only
