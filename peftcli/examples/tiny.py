@@ -38,7 +38,10 @@ def build_tokenizer(vocab_size: int = 400):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # in a pipe its progress is blank lines
     )
     core.train_from_iterator(toy_lines(3000), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
