@@ -64,24 +64,9 @@ def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite:
     if output.exists() and not overwrite:
         raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
     if is_adapter:  # merged tensor by tensor straight into the file (fp32, so the GGUF type is the only rounding)
-        _check_base_exportable(source, base)
         _, notes = write_gguf_from_run(source, output, quant, base=base, overwrite=overwrite)
         for note in notes:
             typer.echo(f"note: {note}")
     else:
         write_gguf(source, output, quant, overwrite=overwrite)
     typer.echo(f"wrote GGUF ({quant}) -> {output}")
-
-
-def _check_base_exportable(run: Path, base: str | None) -> None:
-    """Refuse a base the GGUF writer cannot reproduce before merging anything, naming the user's run."""
-    import json
-
-    from peftcli.export.gguf import check_exportable
-    from peftcli.export.merge import run_model_section
-
-    section = run_model_section(run, base)
-    config_file = Path(section.name_or_path).expanduser() / "config.json"
-    if config_file.is_file():  # a GGUF or hub base is checked after the merge, on the merged config
-        where = f"{run} (base {section.name_or_path})"
-        check_exportable(json.loads(config_file.read_text(encoding="utf-8")), where)

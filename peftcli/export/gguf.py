@@ -108,18 +108,23 @@ def write_gguf_from_run(
     """
     import torch
 
-    from peftcli.export.merge import open_merge
+    from peftcli.export.merge import open_merge, run_model_section
 
     run_dir = Path(run_dir)
+    section = run_model_section(run_dir, base)
+    where = f"{run_dir} (base {section.name_or_path})"
+    config_file = Path(section.name_or_path).expanduser() / "config.json"
+    config = None
+    if config_file.is_file():  # checked before the adapter is even loaded; a GGUF base after, on its config
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        check_exportable(config, where)
     source = open_merge(run_dir, base, "fp32")
     try:
-        if source.base_dir is not None:
-            config = json.loads((source.base_dir / "config.json").read_text(encoding="utf-8"))
-            if source.plan.untied:
-                config["tie_word_embeddings"] = False
-        else:
+        if config is None:
             config = source.config(torch.float32).to_dict()
-        check_exportable(config, f"{run_dir} (base {source.section.name_or_path})")
+            check_exportable(config, where)
+        if source.plan.untied:
+            config["tie_word_embeddings"] = False
         shapes = {key: source.shape(key) for key in source.output_keys()}
         tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else source.base_dir
         name = run_dir.resolve().name
