@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -88,9 +89,11 @@ class RichReporter:
             return
         c = self.console
         stats = plan["data_stats"]["train"]
+        parameters = plan.get("targeted_parameters") or 0
+        where = f"{plan['targeted_modules']} modules" + (f" and {parameters} expert parameters" if parameters else "")
         c.print(
             f"[bold]training[/bold] {plan['trainable_params']:,} of {plan['total_params']:,} parameters "
-            f"({plan['trainable_params'] / max(1, plan['total_params']):.3%}) in {plan['targeted_modules']} modules; "
+            f"({plan['trainable_params'] / max(1, plan['total_params']):.3%}) in {where}; "
             f"{plan['train_examples']} train / {plan['validation_examples']} validation examples; "
             f"effective batch {plan['effective_batch_size']} = {plan['batch_size']} per device x "
             f"{plan['accumulation']} accumulation x {plan['world_size']} process(es) ({plan['engine']}); "
@@ -99,7 +102,7 @@ class RichReporter:
         if plan.get("quantization"):
             c.print(f"base quantized: {plan['quantization']}; optimizer {plan['optimizer']}", highlight=False)
         for note in plan.get("notes", ()):
-            c.print(f"[yellow]note[/yellow]: {note}", highlight=False)
+            c.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False)
         if stats["truncated"] or stats["dropped_no_labels"]:
             c.print(
                 f"[yellow]note[/yellow]: {stats['truncated']} training examples truncated to data.max_length, "

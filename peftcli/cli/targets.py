@@ -32,20 +32,22 @@ def targets(
     info = apply_adapter(model, recipe.method, context)
     console = Console()
     table = Table("module", "matched", box=None)
+    adapted = [*info.targeted, *info.targeted_parameters]
     if full:
-        for name in info.targeted:
+        for name in adapted:
             table.add_row(name, "")
     else:
-        for short, count in sorted(Counter(n.rsplit(".", 1)[-1] for n in info.targeted).items()):
+        for short, count in sorted(Counter(n.rsplit(".", 1)[-1] for n in adapted).items()):
             table.add_row(short, str(count))
     console.print(table)
     trainable = info.trainable_count(model)
     total = sum(p.numel() for p in model.parameters())
+    parameters = f", {len(info.targeted_parameters)} parameters" if info.targeted_parameters else ""
     console.print(
-        f"{recipe.method.name}: {len(info.targeted)} modules, {trainable:,} trainable parameters "
+        f"{recipe.method.name}: {len(info.targeted)} modules{parameters}, {trainable:,} trainable parameters "
         f"({trainable / max(1, total):.3%} of {total:,})",
         highlight=False,
     )
-    note = experts_left_out(model, info.param_names)
+    note = experts_left_out(model, [*info.param_names, *info.targeted_parameters])
     if note:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False, markup=False)

@@ -28,6 +28,7 @@ from torch import nn
 from peftcli.errors import AdapterError, ModelError, PeftCliError
 from peftcli.export.base_checkpoint import BaseCheckpoint, base_shards, storage_quantization
 from peftcli.export.safetensors_stream import OutputTensor, ShardSetWriter, split_into_shards
+from peftcli.models.experts import checkpoint_rows
 from peftcli.models.load import DTYPES, build_empty_model, is_gguf
 from peftcli.recipe.schema import ModelSection
 from peftcli.tuners.adapter import (
@@ -38,6 +39,7 @@ from peftcli.tuners.adapter import (
     merge_refusal,
     read_adapter_config,
 )
+from peftcli.tuners.inject import unwrapped_name
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
 
@@ -173,6 +175,8 @@ class _Plan:
     # Tied pairs the adapter changes on one side: checkpoint key -> the other names that get their own copy
     aliases: dict[str, list[str]] = field(default_factory=dict)
     untied: list[str] = field(default_factory=list)  # every name of such a pair, for the report
+    # Checkpoint keys holding rows of an adapted fused expert parameter -> (its adapter layer, the flat rows)
+    expert_rows: dict[str, tuple[nn.Module, torch.Tensor]] = field(default_factory=dict)
 
     # Both are derived on first use, once the plan is complete (after _untie).
     @cached_property
@@ -197,7 +201,7 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     """
     by_id: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(name.replace(".base_layer.", "."))
+        by_id.setdefault(id(param), []).append(unwrapped_name(name))
     pairs = [names for names in by_id.values() if len(names) > 1]
     pairs += [[target, source] for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()]
     groups: list[list[str]] = []
@@ -230,31 +234,68 @@ def _untie(plan: _Plan, model: nn.Module, keys: dict) -> dict:
     return out
 
 
+def _is_wrapper(module: nn.Module) -> bool:
+    """An adapter layer the merge folds: it has a `base_layer` module and a `merge()`."""
+    return isinstance(getattr(module, "base_layer", None), nn.Module) and callable(getattr(module, "merge", None))
+
+
+def _wrapper_chain(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """The wrappers from `layer` down (several adapted parameters of one module nest) and the module they wrap."""
+    chain = [layer]
+    while _is_wrapper(chain[-1].base_layer):
+        chain.append(chain[-1].base_layer)
+    return chain, chain[-1].base_layer
+
+
 def _plan(model: nn.Module, param_names: list[str]) -> _Plan:
     wrapped = {
         name: module
         for name, module in model.named_modules()
-        if name
-        and isinstance(getattr(module, "base_layer", None), nn.Module)
-        and callable(getattr(module, "merge", None))
+        if name and _is_wrapper(module) and "base_layer" not in name.split(".")  # the outermost of a nest
     }
     owner_of = {}
+    base_params = set()
     for prefix, layer in wrapped.items():
-        for leaf, _ in layer.base_layer.named_parameters(recurse=False):
+        _, base = _wrapper_chain(layer)
+        for leaf, param in base.named_parameters(recurse=False):
             owner_of[f"{prefix}.{leaf}"] = prefix
+            base_params.add(id(param))
     named = dict(model.named_parameters())
     replaced = {}
     for name in param_names:
-        if ".base_layer." in name or not any(name.startswith(p + ".") for p in wrapped):
-            key = name.replace(".base_layer.", ".")
+        # Trained tensors are the adapter's own (merged by their layer) unless they are base tensors.
+        if id(named[name]) in base_params or not any(name.startswith(p + ".") for p in wrapped):
+            key = unwrapped_name(name)
             if key not in owner_of:
                 replaced[key] = named[name].detach()
     return _Plan(wrapped, owner_of, replaced, new_keys=[])
 
 
+def _split_experts(plan: _Plan, model: nn.Module, keys: dict) -> None:
+    """Fused expert parameters (experts x rows x cols) that the checkpoint stores per expert (transformers 5
+    splits them when it saves): each checkpoint tensor gets the update of exactly its rows, key by key, so the
+    whole stack's update is never built."""
+    shapes = {unwrapped_name(name): tuple(p.shape) for name, p in model.named_parameters()}
+    for key in [k for k in plan.owner_of if k not in keys]:
+        rows = checkpoint_rows(model, key, shapes[key])
+        if rows is None:
+            continue  # _check_fit names the missing key
+        owner = plan.owner_of.pop(key)
+        leaf = key.rsplit(".", 1)[1]
+        chain, _ = _wrapper_chain(plan.wrapped[owner])
+        layer = next((w for w in chain if getattr(w, "parameter_name", None) == leaf), None)
+        for stored, numbers in rows.items():
+            want = (len(numbers), shapes[key][-1])
+            if stored not in keys or tuple(keys[stored][0]) != want:
+                found = "missing" if stored not in keys else f"shaped {tuple(keys[stored][0])}"
+                raise AdapterError(f"the base checkpoint stores {key} per expert, but {stored} is {found} ({want})")
+            if layer is not None:
+                plan.expert_rows[stored] = (layer, numbers)
+
+
 def _check_fit(plan: _Plan, model: nn.Module, keys: dict, base: str) -> None:
     """Every tensor the adapter merges into must be in the base checkpoint, with the skeleton's shape."""
-    state = {name.replace(".base_layer.", "."): p for name, p in model.named_parameters(remove_duplicate=False)}
+    state = {unwrapped_name(name): p for name, p in model.named_parameters(remove_duplicate=False)}
     for key in plan.owner_of:
         if key not in keys:
             raise AdapterError(
@@ -297,30 +338,39 @@ def _stored_transposed(layer: nn.Module) -> bool:
 
 def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Merge one wrapped layer on its real base tensors; returns the merged tensors and frees them again."""
-    params = dict(layer.base_layer.named_parameters(recurse=False))
+    chain, base = _wrapper_chain(layer)
+    params = dict(base.named_parameters(recurse=False))
     transposed = _stored_transposed(layer)
     for leaf, param in params.items():
         # In fp32 whatever the base's dtype, so the output dtype is the only rounding (merges may write in place)
         tensor = base_tensors[f"{prefix}.{leaf}"]
         tensor = tensor.t() if transposed and leaf == "weight" else tensor
         param.data = tensor.to(torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
-    # Each name of a tied pair is merged into a copy of its own (see _untie), so the partner is unaffected.
-    sharers = getattr(layer, "shares_weight_with", ())
-    if sharers:
-        layer.shares_weight_with = ()
-    layer.merge()
-    if sharers:
-        layer.shares_weight_with = sharers
+    for wrapper in chain:
+        # Each name of a tied pair is merged into a copy of its own (see _untie), so the partner is unaffected.
+        sharers = getattr(wrapper, "shares_weight_with", ())
+        if sharers:
+            wrapper.shares_weight_with = ()
+        wrapper.merge()
+        if sharers:
+            wrapper.shares_weight_with = sharers
     merged = {
         f"{prefix}.{leaf}": param.data.t() if transposed and leaf == "weight" else param.data
         for leaf, param in params.items()
     }
-    layer.merged = False  # the placeholders go back; the layer is not reused
-    if hasattr(layer, "_original"):
-        layer._original = None  # copies some layers keep for an exact unmerge
+    for wrapper in chain:
+        wrapper.merged = False  # the placeholders go back; the layer is not reused
+        if hasattr(wrapper, "_original"):
+            wrapper._original = None  # copies some layers keep for an exact unmerge
     for param in params.values():
         param.data = _placeholder(param.data)
     return merged
+
+
+def _add_rows(tensor: torch.Tensor, layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor holding some rows of an adapted fused parameter, with their update added (fp32)."""
+    with torch.no_grad():
+        return tensor.to(torch.float32, copy=True).add_(layer.delta_rows(rows))
 
 
 def _open_output(output: Path, overwrite: bool) -> Path:
@@ -385,6 +435,7 @@ class MergeSource:
     gguf_state: dict[str, torch.Tensor] | None = None
     merged_layers: int = 0
     _merged: dict[str, torch.Tensor] = field(default_factory=dict)  # a layer's merged leaves not yet read
+    _expert_layers: set[int] = field(default_factory=set)  # expert adapters merged row-wise so far
 
     def output_keys(self) -> list[str]:
         """Every tensor of the merged model: the base's, then those only the adapter has (a new head)."""
@@ -402,6 +453,9 @@ class MergeSource:
         source = self.checkpoint.tensors(progress) if self.checkpoint is not None else iter(self.gguf_state.items())
         for stored_key, tensor in source:
             for key in (stored_key, *plan.aliases.get(stored_key, ())):
+                if key in plan.expert_rows:
+                    yield key, self._expert_rows(key, tensor)
+                    continue
                 owner = plan.owner_of.get(key)
                 if owner is None:
                     yield key, plan.replaced.get(key, tensor)
@@ -421,6 +475,8 @@ class MergeSource:
     def read(self, key: str) -> torch.Tensor:
         """One output tensor on its own (a wrapped layer is merged when its first tensor is asked for)."""
         plan = self.plan
+        if key in plan.expert_rows:
+            return self._expert_rows(key, self._base(key))
         owner = plan.owner_of.get(key)
         if owner is None:
             return plan.replaced[key] if key in plan.replaced else self._base(key)
@@ -429,6 +485,13 @@ class MergeSource:
             self._merged.update(_merge_layer(plan.wrapped[owner], owner, base))
             self.merged_layers += 1
         return self._merged.pop(key)
+
+    def _expert_rows(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        layer, rows = self.plan.expert_rows[key]
+        if id(layer) not in self._expert_layers:
+            self._expert_layers.add(id(layer))
+            self.merged_layers += 1
+        return _add_rows(tensor, layer, rows)
 
     def _base(self, key: str) -> torch.Tensor:
         stored = self.plan.stored_as.get(key, key)
@@ -509,6 +572,7 @@ def open_merge(adapter_dir: str | Path, base: str | None = None, dtype: str = "b
                 f"weights were dequantized and the merged model is plain {dtype}"
             )
     keys = _untie(plan, skeleton, keys)
+    _split_experts(plan, skeleton, keys)
     _check_fit(plan, skeleton, keys, section.name_or_path)
     if plan.untied:
         notes.append(

@@ -147,6 +147,12 @@ def _reseed(seed: int, step: int, rank: int, world: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * world + rank) % (2**63))
 
 
+def _notes(model, info) -> list[str]:
+    """What the plan should tell the user besides its numbers."""
+    experts = experts_left_out(model, [*info.param_names, *info.targeted_parameters])
+    return [experts] if experts else []
+
+
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> dict:
     """Run a recipe; returns the run summary (also written to summary.json)."""
     from accelerate import Accelerator
@@ -310,6 +316,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             "trainable_params": trainable,
             "total_params": total_params,
             "targeted_modules": len(info.targeted),
+            "targeted_parameters": len(info.targeted_parameters),
             "precision": accelerator.mixed_precision,
             "quantization": describe_quantization(unwrapped),
             "optimizer": training.optimizer,
@@ -317,7 +324,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
             "label_names": label_names,
             "device": str(accelerator.device),
             "data_stats": {k: vars(v) for k, v in data.stats.items()},
-            "notes": [note for note in [experts_left_out(unwrapped, info.param_names)] if note],
+            "notes": _notes(unwrapped, info),
         }
     )
 

@@ -17,7 +17,13 @@ from torch import nn
 
 import peftcli
 from peftcli.errors import AdapterError
-from peftcli.tuners.inject import TASK_HEAD_NAMES, freeze, task_head_names, unfreeze_modules_to_save
+from peftcli.tuners.inject import (
+    TASK_HEAD_NAMES,
+    freeze,
+    is_base_parameter,
+    task_head_names,
+    unfreeze_modules_to_save,
+)
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.quantized import is_quantized, quantized_kind, quantized_layer_names
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
@@ -40,6 +46,7 @@ class AdapterInfo:
     task: str = "causal_lm"
     head_modules: tuple[str, ...] = ()  # task heads and modules_to_save, trained in full
     config_extra: dict | None = None
+    targeted_parameters: tuple[str, ...] = ()  # parameters adapted directly (fused MoE experts)
 
     def trainable_count(self, model: nn.Module) -> int:
         named = dict(model.named_parameters())
@@ -72,7 +79,7 @@ def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext |
     for name, param in model.named_parameters():
         # A wrapped layer's base stays frozen even when the method gave it a new parameter object (a Conv1D
         # weight seen as a linear one).
-        if id(param) not in before and ".base_layer." not in f".{name}":
+        if id(param) not in before and not is_base_parameter(name):
             param.requires_grad_(True)
     requested = list(getattr(params, "modules_to_save", None) or [])
     heads = task_head_names(model)
@@ -83,7 +90,14 @@ def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext |
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     model.train(was_training)  # new layers (dropout!) follow the model's mode: eval stays eval
     info = AdapterInfo(
-        params.name, params, applied.targeted, names, context.task, tuple(to_save), dict(applied.config_extra)
+        params.name,
+        params,
+        applied.targeted,
+        names,
+        context.task,
+        tuple(to_save),
+        dict(applied.config_extra),
+        tuple(applied.targeted_parameters),
     )
     model.peftcli_adapter = info
     return info
@@ -134,6 +148,9 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
     spec = get_tuner(info.method)
     config = spec.to_hf_config(info.params, info.targeted)
     config.update(info.config_extra or {})
+    if info.targeted_parameters:
+        config["target_parameters"] = sorted(info.targeted_parameters)
+        config["target_modules"] = config.get("target_modules") or None  # HF PEFT's form for "parameters only"
     updates = getattr(load_implementation(info.method), "config_updates", None)
     if updates is not None:
         config.update(updates(model))

@@ -120,6 +120,18 @@ def find_targets(
     return chosen
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter or module name as the base model has it: every `base_layer` segment a wrapper added removed."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def is_base_parameter(name: str) -> bool:
+    """Whether a parameter name is a wrapped layer's own base tensor (`q_proj.base_layer.weight`), not one of
+    the wrapper's (`experts.base_layer.lora_A.weight` belongs to an inner wrapper)."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] == "base_layer"
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The parent module of a dotted name and the child's attribute name."""
     parent_name, _, child = name.rpartition(".")

@@ -29,6 +29,7 @@ class AppliedMethod:
 
     targeted: list[str]
     config_extra: dict = field(default_factory=dict)  # e.g. prompt methods record num_layers, token_dim
+    targeted_parameters: list[str] = field(default_factory=list)  # parameters adapted directly (MoE experts)
 
 
 class MethodImplementation(Protocol):

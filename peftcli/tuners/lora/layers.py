@@ -7,11 +7,13 @@ The layer classes live in modules.py, the DoRA variant in variants.py, PiSSA/OLo
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch import nn
 
 from peftcli.errors import AdapterError, PeftCliError
+from peftcli.models.experts import fused_expert_parameters
 from peftcli.tuners.adapter import HF_KEY_PREFIX, adapter_info
 from peftcli.tuners.inject import find_targets, replace_module
 from peftcli.tuners.lora.init import plain_lora_config, plain_lora_factors
@@ -23,6 +25,7 @@ from peftcli.tuners.lora.modules import (
     layer_class,
     lora_layers,
 )
+from peftcli.tuners.lora.parameters import LoraParameter
 from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
 from peftcli.tuners.lora.spec import SPEC, LoraParams, changes_base
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
@@ -34,6 +37,7 @@ __all__ = [  # the layer classes are re-exported: other code reaches LoRA throug
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraParameter",
     "adapter_tensors",
     "apply_method",
     "config_updates",
@@ -74,10 +78,10 @@ def _select_layers(params: LoraParams, found: list[str]) -> list[str]:
     return kept
 
 
-def _check_patterns(params: LoraParams, model: nn.Module) -> None:
+def _check_patterns(params: LoraParams, model: nn.Module, parameters: list[str]) -> None:
     # A key that matches no module at all is a typo; one that matches only modules left unadapted is harmless
     # (HF PEFT adapters may carry such keys), so it is accepted.
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in model.named_modules() if name] + parameters
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(params, field):
             if not any(pattern_key([key], name) for name in names):
@@ -145,13 +149,66 @@ def _check_layer(name: str, base: nn.Module, params: LoraParams, r: int, sharers
             )
 
 
+def _parameter_targets(model: nn.Module, wanted: list[str], layers: list[str]) -> list[tuple[str, str, str]]:
+    """(module name, parameter name, full name) of each parameter `wanted` names, in the model's order.
+
+    Matched as HF PEFT matches them (the full name or a dotted suffix), a module's parameters in registration
+    order, which is also the order the wrappers nest in.
+    """
+    found, seen = [], set()
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            if full in seen or not any(full == w or full.endswith("." + w) for w in wanted):
+                continue
+            seen.add(full)
+            if module_name in layers:
+                raise PeftCliError(
+                    f"method.target_parameters: {full} belongs to {module_name}, which target_modules already "
+                    "adapts; name it in one of the two only"
+                )
+            if param.dim() not in (2, 3) or not param.is_floating_point():
+                raise PeftCliError(
+                    f"method.target_parameters: {full} is a {param.dim()}-D {param.dtype} tensor; LoRA adapts 2-D "
+                    "weights and 3-D stacks of expert weights (experts x out x in) in floating point"
+                )
+            if _zero3(param):
+                raise PeftCliError(
+                    f"method.target_parameters: {full} is partitioned by DeepSpeed ZeRO-3, which gathers it only "
+                    "inside its module's forward; use launch.preset zero2 or fsdp2"
+                )
+            found.append((module_name, leaf, full))
+    missing = [w for w in wanted if not any(full == w or full.endswith("." + w) for _, _, full in found)]
+    if missing:
+        # shown as a recipe would name them: the part after the block index (mlp.experts.gate_up_proj)
+        candidates = sorted({re.sub(r"^.*?\.\d+\.", "", name) for name in fused_expert_parameters(model)})
+        raise PeftCliError(
+            f"method.target_parameters: {', '.join(missing)} matched no parameter of this model; "
+            f"fused expert parameters: {', '.join(candidates) or 'none'}"
+        )
+    return found
+
+
+def _wrap_parameters(model: nn.Module, params: LoraParams, found: list[tuple[str, str, str]]) -> list[str]:
+    for module_name, leaf, full in found:
+        r = int(pattern_value(params.rank_pattern, full, params.r))
+        alpha = float(pattern_value(params.alpha_pattern, full, params.alpha))
+        # Wrapping the module's current occupant nests the wrappers of one module's parameters.
+        layer = LoraParameter(model.get_submodule(module_name), leaf, r, alpha, params.rslora, params.init)
+        replace_module(model, module_name, layer)
+    return [full for _, _, full in found]
+
+
 def apply_method(model: nn.Module, params: LoraParams, context: AdapterContext) -> AppliedMethod:
-    """Wrap every targeted layer of `model` in the LoRA layer of its kind."""
-    # `all-linear` means linear layers only; embeddings and convs are adapted when named.
-    layer_types = ("Linear",) if params.target_modules == ALL_LINEAR else SPEC.capabilities.layer_types
-    found = find_targets(model, params.target_modules, params.exclude_modules, layer_types, "lora")
-    targets = _select_layers(params, found)
-    _check_patterns(params, model)
+    """Wrap every targeted layer of `model` in the LoRA layer of its kind, and every targeted parameter."""
+    targets: list[str] = []
+    if params.target_modules != []:
+        # `all-linear` means linear layers only; embeddings and convs are adapted when named.
+        layer_types = ("Linear",) if params.target_modules == ALL_LINEAR else SPEC.capabilities.layer_types
+        found = find_targets(model, params.target_modules, params.exclude_modules, layer_types, "lora")
+        targets = _select_layers(params, found)
+    by_parameter = _parameter_targets(model, params.target_parameters, targets)
+    _check_patterns(params, model, [full for _, _, full in by_parameter])
     owners = _weight_sharers(model)
     for name in targets:
         base = model.get_submodule(name)
@@ -162,7 +219,7 @@ def apply_method(model: nn.Module, params: LoraParams, context: AdapterContext) 
         layer = layer_class(base)(base, r, alpha, params.dropout, params.rslora, params.init, params.dora)
         layer.shares_weight_with = tuple(sharers)
         replace_module(model, name, layer)
-    return AppliedMethod(targets)
+    return AppliedMethod(targets, targeted_parameters=_wrap_parameters(model, params, by_parameter))
 
 
 def merge_all(model: nn.Module) -> None:

@@ -24,7 +24,7 @@ from peftcli.tuners.quantized import float_weight
 ADAPTER_DTYPE = torch.float32  # A, B and magnitudes are created in fp32 whatever the base dtype
 
 
-def _reset_factors(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
+def reset_factors(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
     """B = 0 so the layer starts as the identity; A kaiming-uniform (default) or N(0, 1/r) (gaussian)."""
     if init == "gaussian":
         nn.init.normal_(a, std=1 / r)
@@ -172,7 +172,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=ADAPTER_DTYPE)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=ADAPTER_DTYPE)
         if not changes_base(init):
-            _reset_factors(self.lora_A.weight, self.lora_B.weight, init, r)
+            reset_factors(self.lora_A.weight, self.lora_B.weight, init, r)
         self.finish_init(init, dora)
 
     @property
@@ -185,7 +185,7 @@ class LoraLinear(LoraLayer):
 
     def reset_lora_parameters(self, init: str) -> None:
         """Re-draw A and B as at creation (default or gaussian)."""
-        _reset_factors(self.lora_A.weight, self.lora_B.weight, init, self.r)
+        reset_factors(self.lora_A.weight, self.lora_B.weight, init, self.r)
 
     def start_from_base(self, init: str) -> None:
         """PiSSA/OLoRA: A and B from the weight's SVD/QR; the base keeps the residual W - s·B·A."""
@@ -320,7 +320,7 @@ class LoraConv(LoraLayer):
             base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding, **kwargs
         )
         self.lora_B = conv(r, base_layer.out_channels, ones, ones, **kwargs)
-        _reset_factors(self.lora_A.weight, self.lora_B.weight, init, r)
+        reset_factors(self.lora_A.weight, self.lora_B.weight, init, r)
         self.finish_init(init, dora)
 
     @property

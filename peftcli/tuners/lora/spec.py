@@ -59,6 +59,14 @@ class LoraParams(StrictModel):
     exclude_modules: TargetSpec | None = Field(
         None, description="Modules never to adapt, in the same forms as target_modules."
     )
+    target_parameters: list[str] = Field(
+        default_factory=list,
+        examples=[["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]],
+        description="Parameters to adapt directly, matched on whole dotted-name suffixes: the fused 3-D expert "
+        "weights of mixture-of-experts models (Mixtral, Qwen2-MoE, ... in transformers 5), which no layer wraps. "
+        "Each expert gets its own rank-r update (HF PEFT's target_parameters). Needs dropout 0 and no DoRA; "
+        "target_modules may then be [] to adapt the experts only.",
+    )
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full and saved with the adapter (suffix match), e.g. [lm_head].",
@@ -113,7 +121,16 @@ class LoraParams(StrictModel):
     @field_validator("target_modules", "exclude_modules")
     @classmethod
     def _non_empty(cls, value):
+        if value == []:
+            return value  # target_modules: [] with target_parameters; checked below
         return check_target_spec(value)
+
+    @field_validator("target_parameters")
+    @classmethod
+    def _named_parameters(cls, value: list[str]) -> list[str]:
+        if any(not name.strip() for name in value):
+            raise ValueError("entries must not be empty")
+        return value
 
     @field_validator("init")
     @classmethod
@@ -165,6 +182,20 @@ class LoraParams(StrictModel):
             )
         if self.loraplus_lr_embedding is not None and self.loraplus_lr_ratio is None:
             raise ValueError("loraplus_lr_embedding needs loraplus_lr_ratio (LoRA+ is off without it)")
+        if self.target_modules == [] and not self.target_parameters:
+            raise ValueError("target_modules must name at least one module (or use 'all-linear')")
+        if self.exclude_modules == []:
+            raise ValueError("exclude_modules must name at least one module (or leave it unset)")
+        if self.target_parameters:
+            # An update folded into the weight has no input to drop out, and DoRA/PiSSA need a layer's weight.
+            for wrong, key in ((self.dropout > 0, "dropout: 0"), (self.dora, "dora: false")):
+                if wrong:
+                    raise ValueError(
+                        f"target_parameters needs {key} (as in HF PEFT): the update is added to the "
+                        "parameter itself, where there is no layer input or weight norm to work on"
+                    )
+            if changes_base(self.init):
+                raise ValueError(f"target_parameters starts from init default or gaussian, not {self.init}")
         return self
 
 
@@ -197,6 +228,7 @@ def _to_hf_config(params: LoraParams, targeted: list[str]) -> dict:
         "layers_to_transform": params.layers_to_transform,
         "layers_pattern": params.layers_pattern,
         "lora_bias": False,
+        "target_parameters": None,  # the adapted ones are filled in from what apply_method matched
     }
 
 
@@ -204,7 +236,6 @@ _UNSUPPORTED_HF_LORA = {
     "bias": "none",
     "lora_bias": False,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     # LoRA variants whose forward differs from plain LoRA (or that add tensors of their own).
     "alora_invocation_tokens": None,
@@ -243,7 +274,8 @@ def _from_hf_config(cfg: dict) -> LoraParams:
         r=cfg["r"],
         alpha=cfg.get("lora_alpha", 8),
         dropout=cfg.get("lora_dropout", 0.0),
-        target_modules=cfg["target_modules"],
+        target_modules=cfg.get("target_modules") or ([] if cfg.get("target_parameters") else cfg["target_modules"]),
+        target_parameters=list(cfg.get("target_parameters") or []),
         exclude_modules=cfg.get("exclude_modules") or None,
         modules_to_save=cfg.get("modules_to_save") or [],
         rslora=bool(cfg.get("use_rslora", False)),
