@@ -58,6 +58,10 @@ def _validate(tmp_path, tiny_model_dir, copy_data, **sections):
         ({"launch": {"preset": "fsdp2"}, "method": {"name": "ln_tuning"}}, "method ln_tuning is not safe when"),
         ({"launch": {"preset": "zero3"}, "method": {"dora": True}}, "method.dora: DoRA reads each layer's whole"),
         (
+            {"launch": {"preset": "zero3"}, "method": {"target_parameters": ["mlp.experts.gate_up_proj"]}},
+            "method.target_parameters: LoRA reads each adapted parameter whole before its module's forward",
+        ),
+        (
             {"launch": {"preset": "zero3_offload"}, "model": {"quantization": {"bits": 4}}},
             "launch.preset: ZeRO-3 cannot partition bitsandbytes-quantized layers",
         ),

@@ -167,15 +167,15 @@ def _parameter_targets(model: nn.Module, wanted: list[str], layers: list[str]) -
                     f"method.target_parameters: {full} belongs to {module_name}, which target_modules already "
                     "adapts; name it in one of the two only"
                 )
-            if param.dim() not in (2, 3) or not param.is_floating_point():
-                raise PeftCliError(
-                    f"method.target_parameters: {full} is a {param.dim()}-D {param.dtype} tensor; LoRA adapts 2-D "
-                    "weights and 3-D stacks of expert weights (experts x out x in) in floating point"
-                )
             if _zero3(param):
                 raise PeftCliError(
                     f"method.target_parameters: {full} is partitioned by DeepSpeed ZeRO-3, which gathers it only "
                     "inside its module's forward; use launch.preset zero2 or fsdp2"
+                )
+            if param.dim() not in (2, 3) or not param.is_floating_point():
+                raise PeftCliError(
+                    f"method.target_parameters: {full} is a {param.dim()}-D {param.dtype} tensor; LoRA adapts 2-D "
+                    "weights and 3-D stacks of expert weights (experts x out x in) in floating point"
                 )
             found.append((module_name, leaf, full))
     missing = [w for w in wanted if not any(full == w or full.endswith("." + w) for _, _, full in found)]

@@ -300,11 +300,19 @@ def _quantized_check(params: LoraParams) -> str | None:
 
 
 def _sharded_check(params: LoraParams, engine) -> str | None:
-    """DoRA reads the whole base weight in the wrapper's forward, outside the base layer that ZeRO-3 gathers."""
-    if params.dora and engine.kind == "deepspeed" and engine.zero_stage == 3:
+    """DoRA and LoRA on parameters read the whole base weight in the wrapper's forward, outside the module
+    that ZeRO-3 gathers."""
+    if engine.kind != "deepspeed" or engine.zero_stage != 3:
+        return None
+    if params.dora:
         return (
             "method.dora: DoRA reads each layer's whole base weight in every forward, which DeepSpeed ZeRO-3 keeps "
             "partitioned; use launch.preset zero2 or fsdp2, or set dora: false"
+        )
+    if params.target_parameters:
+        return (
+            "method.target_parameters: LoRA reads each adapted parameter whole before its module's forward, where "
+            "DeepSpeed ZeRO-3 still keeps it partitioned; use launch.preset zero2 or fsdp2"
         )
     return None
 
