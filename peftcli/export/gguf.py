@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 
 from peftcli.errors import PeftCliError
+from peftcli.export.gguf_tokenizer import add_tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Both use llama.cpp's "llama" architecture: same tensors, same maths.
@@ -30,7 +31,13 @@ LLAMA_CPP_ARCH = {
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "GemmaForCausalLM": gguf.MODEL_ARCH.GEMMA,
+    "Gemma2ForCausalLM": gguf.MODEL_ARCH.GEMMA2,
+    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
 }
+# Gemma: RMS norms scale by (1 + weight), stored here as weight + 1 as llama.cpp expects; the embedding is
+# scaled by sqrt(width) and the activation is tanh-approximated GELU inside llama.cpp's graphs, as in HF.
+GEMMA_ARCHS = (gguf.MODEL_ARCH.GEMMA, gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 SUPPORTED_ARCHITECTURES = tuple(LLAMA_CPP_ARCH)
 # A config.json may name only its model_type (no `architectures` list).
 ARCHITECTURE_BY_MODEL_TYPE = {
@@ -38,12 +45,10 @@ ARCHITECTURE_BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
-# The Qwen2 family's pre-tokenizer split, as its tokenizer.json states it (llama.cpp's "qwen2" splitter).
-QWEN2_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
 # HF rope types llama.cpp reproduces exactly for the llama architecture. "dynamic" has no llama.cpp counterpart;
 # yarn/longrope differ in details (attention factor, per-dim factors) that are not checked here, so they are refused.
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -67,6 +72,7 @@ class _Tensor:
     qtype: gguf.GGMLQuantizationType
     source: str | None = None  # HF tensor name; None for tensors computed here (rope_freqs)
     heads: int = 0  # > 0: permute rows for llama.cpp's rope layout (q_proj, k_proj)
+    shift: float = 0.0  # added to every value (Gemma's norms: HF stores w, llama.cpp wants 1 + w)
     data: np.ndarray | None = None  # computed tensors
 
 
@@ -144,7 +150,7 @@ def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quan
 
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_llama_cpp_arch(config)])
     _add_hparams(writer, config, name, n_vocab, quant)
-    _add_tokenizer(writer, tokenizer_dir, n_vocab)
+    add_tokenizer(writer, tokenizer_dir, n_vocab)
     for t in tensors:
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype))
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
@@ -191,6 +197,9 @@ def check_exportable(config: dict, where: str) -> None:
             f"{where}: gguf export supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {shown}; "
             "export --format safetensors instead and convert with llama.cpp's own converter"
         )
+    if _llama_cpp_arch(config) in GEMMA_ARCHS:
+        _check_gemma(config, where)
+        return
     # llama.cpp's graphs for these have no such biases (Qwen2's q/k/v biases are its own) and use SiLU;
     # refuse rather than export wrong maths.
     for option in ("attention_bias", "mlp_bias", "use_sliding_window"):
@@ -203,10 +212,52 @@ def check_exportable(config: dict, where: str) -> None:
         raise PeftCliError(f"{where}: gguf export handles rope types {', '.join(ROPE_TYPES)}, not {rope_type!r}")
 
 
-def _rope(config: dict) -> dict:
-    """Rope settings as one dict: transformers 5 keeps them in rope_parameters, older configs in rope_scaling."""
+def _gemma_layer_types(config: dict) -> list[str]:
+    """Which layers use the sliding window, as llama.cpp lays them out: Gemma 2 every other one starting with
+    the first, Gemma 3 five of every six."""
+    every = 2 if _llama_cpp_arch(config) == gguf.MODEL_ARCH.GEMMA2 else 6
+    return [
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(config["num_hidden_layers"])
+    ]
+
+
+def _check_gemma(config: dict, where: str) -> None:
+    """What llama.cpp's Gemma graphs fix, checked against the config (a difference would give another model)."""
+    arch = _llama_cpp_arch(config)
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation != "gelu_pytorch_tanh":
+        raise PeftCliError(f"{where}: gguf export of Gemma needs hidden_activation gelu_pytorch_tanh, not {activation}")
+    for option in ("attention_bias", "use_bidirectional_attention"):
+        if config.get(option):
+            raise PeftCliError(f"{where}: gguf export does not handle {option}=true")
+    if arch == gguf.MODEL_ARCH.GEMMA:
+        return
+    # llama.cpp scales queries by 1/sqrt(head_dim) (HF: query_pre_attn_scalar ** -0.5)
+    if config.get("query_pre_attn_scalar", _head_dim(config)) != _head_dim(config):
+        raise PeftCliError(
+            f"{where}: gguf export of Gemma needs query_pre_attn_scalar equal to head_dim ({_head_dim(config)}), "
+            f"as llama.cpp scales queries; this model has {config['query_pre_attn_scalar']}"
+        )
+    layer_types = config.get("layer_types") or _gemma_layer_types(config)
+    if layer_types != _gemma_layer_types(config):
+        raise PeftCliError(
+            f"{where}: gguf export of {arch.name.lower()} needs llama.cpp's sliding-window layout "
+            "(Gemma 2: every other layer, Gemma 3: five of six); this model's layer_types differ"
+        )
+    for kind in ("full_attention", "sliding_attention"):
+        rope = _rope(config, kind)
+        if rope["rope_type"] not in (("default", "linear") if kind == "full_attention" else ("default",)):
+            raise PeftCliError(f"{where}: gguf export does not handle rope type {rope['rope_type']!r} for {kind}")
+    if arch == gguf.MODEL_ARCH.GEMMA3 and _rope(config, "sliding_attention")["rope_theta"] != 10000.0:
+        raise PeftCliError(f"{where}: llama.cpp's Gemma 3 rotates sliding-window layers with base 10000")
+
+
+def _rope(config: dict, layer_type: str = "full_attention") -> dict:
+    """Rope settings as one dict: transformers 5 keeps them in rope_parameters (per layer type for Gemma 3),
+    older configs in rope_scaling."""
     rope = dict(config.get("rope_scaling") or {})
-    rope.update(config.get("rope_parameters") or {})
+    parameters = config.get("rope_parameters") or {}
+    rope.update(parameters.get(layer_type, parameters) if isinstance(parameters.get(layer_type), dict) else parameters)
     if "type" in rope:
         rope.setdefault("rope_type", rope.pop("type"))
     rope.setdefault("rope_type", "default")
@@ -231,6 +282,8 @@ def _context_length(config: dict) -> int:
     # the trained context keeps llama.cpp (which has no sliding window for this architecture) exact by default.
     # Qwen2/Qwen3 configs name a window but turn it off (use_sliding_window: false; true is refused).
     length = config["max_position_embeddings"]
+    if _llama_cpp_arch(config) in GEMMA_ARCHS:
+        return length  # llama.cpp keeps Gemma's sliding-window layers (see _add_gemma_hparams)
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     return min(length, window) if window else length
 
@@ -258,6 +311,20 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict, name: str, n_vocab: int,
     if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if _llama_cpp_arch(config) in GEMMA_ARCHS:
+        _add_gemma_hparams(writer, config)
+
+
+def _add_gemma_hparams(writer: gguf.GGUFWriter, config: dict) -> None:
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    if config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in _gemma_layer_types(config)])
+    if _llama_cpp_arch(config) == gguf.MODEL_ARCH.GEMMA3:
+        writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention")["rope_theta"]))
 
 
 def _llama3_rope_factors(config: dict) -> np.ndarray:
@@ -297,7 +364,14 @@ def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[l
     arch = _llama_cpp_arch(config)
     names = gguf.get_tensor_name_map(arch, n_layers)
     rotate_pairs = arch == gguf.MODEL_ARCH.LLAMA
-    tied = config.get("tie_word_embeddings", False)
+    gemma = arch in GEMMA_ARCHS
+    tied = config.get("tie_word_embeddings", gemma)  # Gemma configs tie by default
+    if gemma and not tied and "lm_head.weight" in shapes and arch != gguf.MODEL_ARCH.GEMMA3:
+        raise PeftCliError(
+            f"{where}: llama.cpp's {arch.name.lower()} always uses the input embedding as the output head, but this "
+            "model has its own lm_head (an adapter on embed_tokens or lm_head unties them); export --format "
+            "safetensors, or train without adapting them"
+        )
     tensors, unknown = [], []
     for source, shape in shapes.items():
         if source.endswith("rotary_emb.inv_freq") or (tied and source == "lm_head.weight"):
@@ -309,7 +383,8 @@ def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[l
         permute = 0
         if rotate_pairs and name.endswith(".weight"):
             permute = kv_heads if ".attn_k." in name else heads if ".attn_q." in name else 0
-        tensors.append(_Tensor(name, tuple(shape), _storage_type(shape, quant), source, permute))
+        shift = 1.0 if gemma and source.endswith("norm.weight") else 0.0
+        tensors.append(_Tensor(name, tuple(shape), _storage_type(shape, quant), source, permute, shift))
     if unknown:
         raise PeftCliError(f"gguf export does not know where these tensors go: {', '.join(sorted(unknown)[:5])}")
     by_name = {t.name: t for t in tensors}
@@ -341,6 +416,8 @@ def _load(t: _Tensor, read) -> np.ndarray:
     import torch
 
     array = read(t.source).to(torch.float32).numpy()
+    if t.shift:
+        array = array + np.float32(t.shift)
     if t.heads:
         # HF rotates the two halves of each head against each other; llama.cpp rotates adjacent pairs.
         # Interleaving the halves row-wise makes the two agree (transformers undoes this on GGUF load).
@@ -351,82 +428,3 @@ def _load(t: _Tensor, read) -> np.ndarray:
 
 def _encode(array: np.ndarray, t: _Tensor) -> np.ndarray:
     return gguf.quants.quantize(array, t.qtype)
-
-
-def _pre_tokenizer_name(tokenizer: dict) -> str | None:
-    """llama.cpp's name for the pre-tokenizer in tokenizer.json, for the shapes whose splitting it reproduces."""
-    pre = tokenizer.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-
-    def byte_level(step: dict) -> bool:
-        # GPT-2's split regex, without a leading space added: what llama.cpp's "gpt-2" splitter does
-        return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
-
-    if len(steps) == 1 and byte_level(steps[0]):
-        return "gpt-2"
-    if len(steps) == 2 and _is_qwen2_split(steps[0]) and steps[1].get("type") == "ByteLevel":
-        return "qwen2" if not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space") else None
-    if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits"):
-        return "smollm" if byte_level(steps[1]) else None  # each digit alone, then the GPT-2 regex
-    return None
-
-
-def _is_qwen2_split(step: dict) -> bool:
-    pattern = step.get("pattern") or {}
-    return (
-        step.get("type") == "Split"
-        and pattern.get("Regex") == QWEN2_SPLIT
-        and step.get("behavior") == "Isolated"
-        and not step.get("invert")
-    )
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
-    """Vocabulary, merges, special tokens and chat template of a byte-level BPE tokenizer (llama.cpp "gpt2")."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise PeftCliError(f"{model_dir} has no tokenizer.json; gguf export needs a fast (tokenizers) tokenizer")
-    tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    model = tokenizer.get("model") or {}
-    pre = _pre_tokenizer_name(tokenizer)
-    # Qwen2's tokenizers normalize to NFC, which llama.cpp's qwen2 vocabulary takes as it is (its converter too).
-    normalizer = tokenizer.get("normalizer")
-    plain = normalizer is None or (pre == "qwen2" and normalizer == {"type": "NFC"})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not plain or pre is None:
-        raise PeftCliError(
-            f"gguf export handles byte-level BPE tokenizers (GPT-2, SmolLM or Qwen2 style); {path} is a different kind"
-        )
-    tokens: list[str | None] = [None] * n_vocab
-    types = [gguf.TokenType.UNUSED] * n_vocab
-    entries = [(text, i, gguf.TokenType.NORMAL) for text, i in model["vocab"].items()]
-    for added in tokenizer.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        entries.append((added["content"], added["id"], kind))
-    for text, i, kind in entries:
-        if i >= n_vocab:
-            raise PeftCliError(f"{path} has token id {i} but the model's embedding has only {n_vocab} rows")
-        tokens[i], types[i] = text, kind
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    # Embedding rows past the tokenizer (padding to a round size) get placeholder names llama.cpp never produces.
-    writer.add_token_list([text if text is not None else f"[PAD{i}]" for i, text in enumerate(tokens)])
-    writer.add_token_types(types)
-
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
-    if not special.merges:
-        raise PeftCliError(f"{path} has no BPE merges")
-    special.add_special_token.update(_adds_bos_eos(model_dir))
-    special.add_to_gguf(writer, quiet=True)
-
-
-def _adds_bos_eos(model_dir: Path) -> dict[str, bool]:
-    """Whether the HF tokenizer adds BOS / EOS around plain text: measured, since configs state it many ways."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    plain, full = tok.encode("Hello", add_special_tokens=False), tok.encode("Hello")
-    extra = len(full) > len(plain)
-    return {
-        "bos": extra and tok.bos_token_id is not None and full[0] == tok.bos_token_id,
-        "eos": extra and tok.eos_token_id is not None and full[-1] == tok.eos_token_id,
-    }

@@ -79,20 +79,20 @@ def test_gguf_refuses_a_base_it_cannot_write_before_merging(trained_run, tmp_pat
 
     import yaml
 
-    # The run's base labelled Gemma2: an architecture the GGUF writer does not cover.
+    # The run's base labelled Phi3: an architecture the GGUF writer does not cover.
     recipe = yaml.safe_load((trained_run / "recipe.yaml").read_text())
-    other = tmp_path / "gemma2-base"
+    other = tmp_path / "phi3-base"
     shutil.copytree(recipe["model"]["name_or_path"], other)
     config = json.loads((other / "config.json").read_text())
-    config.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2")
+    config.update(architectures=["Phi3ForCausalLM"], model_type="phi3")
     (other / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out" / "model.gguf"
     result = run_cli("export", str(trained_run), "--format", "gguf", "--base", str(other), "-o", str(out))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {trained_run} (base {other}): gguf export supports LlamaForCausalLM, MistralForCausalLM, "
-        "Qwen2ForCausalLM, Qwen3ForCausalLM, not Gemma2ForCausalLM; export --format safetensors instead and convert "
-        "with llama.cpp's own converter"
+        "Qwen2ForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, not "
+        "Phi3ForCausalLM; export --format safetensors instead and convert with llama.cpp's own converter"
     )
     assert "merged" not in result.stdout + result.stderr  # refused before any merge
     assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from peftcli.errors import PeftCliError
 from peftcli.examples.tiny import build_llama, build_tokenizer, write_tiny_model
 from peftcli.export import gguf as export
 from peftcli.export.gguf import GGUF_TYPES, write_gguf
+from peftcli.export.gguf_tokenizer import QWEN2_SPLIT
 
 from support import run_cli
 
@@ -332,7 +333,7 @@ def _llama_continuation(post, prompt, n: int) -> dict:
     return post("/completion", {**body, "n_probs": 400})
 
 
-def _check_reply(model, prompt: list[int], reply: dict, limit: float) -> bool:
+def _check_reply(model, prompt: list[int], reply: dict, limit: float, pieces: dict[int, str] | None = None) -> bool:
     """Check one greedy llama.cpp reply against the HF fp32 model, along llama.cpp's own tokens.
 
     Every log-prob llama.cpp reports is within `limit` of HF's, and every token it picked is HF's argmax after the
@@ -343,8 +344,9 @@ def _check_reply(model, prompt: list[int], reply: dict, limit: float) -> bool:
     with torch.no_grad():
         hf = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1], -1)
     # llama.cpp reports one entry per complete UTF-8 piece, with the log-probs of its last token. Byte counts say
-    # where each piece ends: a byte-level token has one byte per character, a control token prints as nothing.
-    pieces = _tiny_pieces()
+    # where each piece ends: `pieces` holds a text as long as each token's bytes (default: the tiny byte-level
+    # tokenizer, one byte per character; a control token prints as nothing).
+    pieces = pieces or _tiny_pieces()
     worst, pos = 0.0, -1
     for entry in reply["completion_probabilities"]:
         pos += 1
@@ -648,7 +650,7 @@ def test_llama_cpp_tokenizes_like_a_qwen2_tokenizer(tmp_path):
     core.normalizer = normalizers.NFC()
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(export.QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -700,3 +702,218 @@ def test_a_qwen3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thre
         assert (expected - _hf_model(model_dir)(ids).logits).abs().max() > 0.1
         diff = (loaded(ids).logits - expected).abs().max().item()
     assert diff < 1e-4, diff  # f32 file: merged and unmerged differ by summation order only
+
+
+# ---------------------------------------------------------------- Gemma, Gemma 2 and Gemma 3
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@functools.cache
+def _gemma_tokenizer_files(out: Path) -> Path:
+    """A tiny Gemma-style tokenizer, built as Gemma's is: SentencePiece pieces ("▁" for spaces) after the
+    special tokens and the 256 byte-fallback tokens, merged by every pair that joins into a piece, in the order
+    of the joined piece (how a SentencePiece model reads as BPE)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    from peftcli.examples.tiny import toy_lines
+
+    space = "\u2581"
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Replace(" ", space)
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="never")
+    core.train_from_iterator(toy_lines(3000) + TEXTS[:3] * 20, trainer=trainers.BpeTrainer(vocab_size=300))
+    trained = [text for text, _ in sorted(core.get_vocab().items(), key=lambda item: item[1])]
+    vocab = {text: i for i, text in enumerate(GEMMA_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + trained)}
+    plain = [text for text in vocab if text in trained]
+    merges = sorted(
+        ((a, b) for a in plain for b in plain if a + b in vocab),
+        key=lambda pair: (vocab[pair[0] + pair[1]], vocab[pair[0]]),
+    )
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = GEMMA_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _gemma_pieces(model_dir: Path) -> dict[int, str]:
+    """id -> a text as long as the bytes llama.cpp prints for the token (see _check_reply)."""
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    size = {i: 1 if text.startswith("<0x") else len(text.replace("\u2581", " ").encode()) for text, i in vocab.items()}
+    return {i: "" if text in GEMMA_SPECIALS else "x" * size[i] for text, i in vocab.items()}
+
+
+def _gemma_dir(out: Path, family: str, head_dim: int = 16, **overrides) -> Path:
+    """A tiny random Gemma / Gemma 2 / Gemma 3 with the Gemma-style tokenizer; norms get random values, so a
+    missing +1 shows."""
+    import transformers
+
+    tokenizer_dir = _gemma_tokenizer_files(out.parent / "gemma-tokenizer")
+    shutil.copytree(tokenizer_dir, out)
+    vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512, initializer_range=0.2,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )  # fmt: skip
+    if family != "gemma":
+        common["query_pre_attn_scalar"] = head_dim
+    common.update(overrides)
+    config_class, model_class = {
+        "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    }[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**common))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_loads_in_transformers_with_the_same_logits(family, tmp_path, one_torch_thread):
+    """head_dim and query_pre_attn_scalar 256 as every Gemma 2 and 3 has: transformers' GGUF reader assumes them."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _gemma_dir(tmp_path / "hf", family, head_dim=256)
+    out = _export(model_dir, tmp_path / "gguf", "f32")
+    assert _field(out, "general.architecture") == family
+    stored = {t.name: t.data for t in gguf.GGUFReader(out).tensors}
+    norm = _hf_model(model_dir).model.layers[0].input_layernorm.weight.detach().numpy()
+    assert (stored["blk.0.attn_norm.weight"] == norm + 1).all()  # llama.cpp's (1 + w) convention
+    assert "output.weight" not in stored and ("blk.0.attn_q_norm.weight" in stored) == (family == "gemma3")
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.tensor(_prompts(2, 24))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - _hf_model(model_dir)(ids).logits).abs()
+    worst, mean = LOGIT_LIMITS["f32"]
+    assert diff.max() <= worst and diff.mean() <= mean, (diff.max().item(), diff.mean().item())
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_llama_cpp_runs_gemma_like_hf(family, tmp_path, one_torch_thread):
+    """Six layers and an 8-token window under 40-token prompts: Gemma 2 and 3 layers that slide, and Gemma 3's
+    two rope bases (local 10000, global 1e6), must each be where HF has them."""
+    window = {} if family == "gemma" else {"sliding_window": 8}
+    model_dir = _gemma_dir(tmp_path / "hf", family, num_hidden_layers=6, **window)
+    out = _export(model_dir, tmp_path / "gguf", "f32")
+    model = _hf_model(model_dir)
+    generator = torch.Generator().manual_seed(11)  # prompts of plain pieces (ids past the byte tokens)
+    prompts = [torch.randint(300, 480, (40,), generator=generator).tolist() for _ in range(4)]
+    if window:
+        wide = _hf_model(_copy_with_config(model_dir, tmp_path / "wide", sliding_window=512))
+        with torch.no_grad():
+            assert (model(torch.tensor(prompts)).logits - wide(torch.tensor(prompts)).logits).abs().max() > 0.5
+    with llama_server(out) as post:
+        replies = [_llama_continuation(post, prompt, 8) for prompt in prompts]
+    pieces, checked = _gemma_pieces(model_dir), 0
+    for prompt, reply in zip(prompts, replies, strict=True):
+        # a reply of byte tokens that never complete a UTF-8 character has no log-probs to compare
+        if "completion_probabilities" not in reply:
+            continue
+        checked += 1
+        if _check_reply(model, prompt, reply, LOGPROB_LIMITS["f32"], pieces):
+            assert reply["tokens"] == _hf_greedy(model, prompt, 8)
+    assert checked >= 3, replies
+
+
+def test_llama_cpp_tokenizes_like_a_gemma_tokenizer(tmp_path):
+    """SentencePiece-style BPE with byte fallback: llama.cpp's "llama" tokenizer, merge order from the scores."""
+    from transformers import AutoTokenizer
+
+    model_dir = _gemma_dir(tmp_path / "hf", "gemma2")
+    out = _export(model_dir, tmp_path / "gguf")
+    assert (_field(out, "tokenizer.ggml.model"), _field(out, "tokenizer.ggml.add_space_prefix")) == ("llama", False)
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    texts = [*TEXTS[:4], "<start_of_turn>user\ncopy alpha<end_of_turn>\n", "  two  leading, tabs\t\tand ünïcödé"]
+    with llama_server(out) as post:
+        llama = [post("/tokenize", {"content": text})["tokens"] for text in texts]
+        props = post("/props")
+    expected = [hf.encode(text) for text in texts]
+    assert llama == expected
+    assert any(t.startswith("<0x") for ids in expected for t in hf.convert_ids_to_tokens(ids))  # byte fallback
+    assert props["chat_template"] == GEMMA_TEMPLATE and props["bos_token"] == "<bos>"
+
+
+def test_gemma2_with_an_untied_head_is_refused_before_anything_is_written(tmp_path):
+    """llama.cpp's Gemma 2 graph has no output tensor: an adapter on the embedding cannot be exported to it."""
+    import yaml
+
+    from peftcli.export.gguf import write_gguf_from_run
+    from peftcli.tuners.adapter import apply_adapter, save_adapter
+    from peftcli.tuners.lora.spec import LoraParams
+
+    model_dir = _gemma_dir(tmp_path / "hf", "gemma2")
+    model = _hf_model(model_dir)
+    apply_adapter(model, LoraParams(r=4, target_modules=["q_proj", "embed_tokens"]))
+    run = tmp_path / "run"
+    save_adapter(model, run, base_model_name_or_path=str(model_dir))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
+    with pytest.raises(PeftCliError, match="gemma2 always uses the input embedding as the output head"):
+        write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"query_pre_attn_scalar": 24}, "needs query_pre_attn_scalar equal to head_dim"),
+        ({"hidden_activation": "gelu"}, "needs hidden_activation gelu_pytorch_tanh"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "needs llama.cpp's sliding-window layout"),
+    ],
+)
+def test_gemma_settings_llama_cpp_does_not_reproduce_are_refused(changes, message, tmp_path):
+    model_dir = _copy_with_config(_gemma_dir(tmp_path / "hf", "gemma2"), tmp_path / "changed", **changes)
+    with pytest.raises(PeftCliError, match=message):
+        _export(model_dir, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_a_gemma3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thread):
+    """LoRA on Gemma 3 including its tied embedding: the GGUF gets its own output tensor and reads back as
+    base + adapter."""
+    import yaml
+
+    from peftcli.export.gguf import write_gguf_from_run
+    from peftcli.tuners.adapter import apply_adapter, save_adapter
+    from peftcli.tuners.lora.spec import LoraParams
+
+    model_dir = _gemma_dir(tmp_path / "hf", "gemma3", head_dim=256)
+    model = _hf_model(model_dir)
+    torch.manual_seed(0)
+    apply_adapter(model, LoraParams(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    run = tmp_path / "run"
+    save_adapter(model, run, base_model_name_or_path=str(model_dir))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
+    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    assert any("tie_word_embeddings: false" in note for note in notes)
+    assert "output.weight" in _tensors(out)
+    generator = torch.Generator().manual_seed(5)  # prompts of plain pieces (ids past the byte tokens)
+    ids = torch.randint(300, 480, (4, 24), generator=generator)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids).logits[:, -1], -1)
+        assert (expected - torch.log_softmax(_hf_model(model_dir)(ids).logits[:, -1], -1)).abs().max() > 0.1
+    checked = 0
+    with llama_server(out) as post:
+        for row, prompt in enumerate(ids.tolist()):
+            reply = post("/completion", {"prompt": prompt, "n_predict": 1, "temperature": 0, "n_probs": 20})
+            for entry in reply.get("completion_probabilities", []):  # none when the token is a lone byte
+                checked += 1
+                for top in entry["top_logprobs"]:
+                    assert abs(top["logprob"] - expected[row, top["id"]].item()) <= LOGPROB_LIMITS["f32"], top
+    assert checked >= 2
