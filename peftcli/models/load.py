@@ -10,21 +10,12 @@ import torch
 from torch import nn
 
 from peftcli.errors import ModelError
+from peftcli.models.hardware import cpu_has_native_bf16
 from peftcli.models.hub import offline_explanation, prepare_hub_access
 from peftcli.recipe.schema import ModelSection
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512-BF16, AMX); elsewhere bf16 runs several times slower."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def auto_dtype() -> torch.dtype | str:

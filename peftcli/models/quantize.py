@@ -22,7 +22,7 @@ def compute_dtype(section: QuantizationSection) -> torch.dtype:
     """The dtype 4-bit blocks are multiplied in: bf16 on a GPU (fp16 without bf16) or a CPU with native bf16."""
     if section.compute_dtype != "auto":
         return DTYPES[section.compute_dtype]
-    from peftcli.models.load import cpu_has_native_bf16
+    from peftcli.models.hardware import cpu_has_native_bf16
 
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -49,7 +49,7 @@ def require_bitsandbytes(key: str):
 
 def kept_in_float(empty_model: nn.Module, section: QuantizationSection) -> list[str]:
     """Modules left unquantized: the output head, a classification head, tied weights, and skip_modules."""
-    from peftcli.tuners.inject import output_head_names
+    from peftcli.models.heads import output_head_names
 
     kept = set(output_head_names(empty_model))
     tied = getattr(empty_model, "all_tied_weights_keys", None) or {}
@@ -102,8 +102,8 @@ def prepare_quantized_model(model: nn.Module, section: QuantizationSection) -> n
     where half precision loses the small differences training depends on; stops CPU repacking.
     Input gradients for activation checkpointing are switched on by the loop together with checkpointing.
     """
-    from peftcli.tuners.inject import output_head_names
-    from peftcli.tuners.quantized import is_quantized
+    from peftcli.models.heads import output_head_names
+    from peftcli.models.quantized_layers import is_quantized
 
     disable_cpu_repacking(model)
     heads = set(output_head_names(model))
@@ -125,7 +125,7 @@ def prepare_quantized_model(model: nn.Module, section: QuantizationSection) -> n
 
 def describe_quantization(model: nn.Module) -> str | None:
     """One line for logs and the run summary: what the base was quantized to, and how many layers."""
-    from peftcli.tuners.quantized import quantized_layer_names
+    from peftcli.models.quantized_layers import quantized_layer_names
 
     section = getattr(model, "peftcli_quantization", None)
     if section is None:

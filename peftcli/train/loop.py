@@ -27,6 +27,7 @@ from peftcli.errors import PeftCliError
 from peftcli.models.experts import experts_left_out
 from peftcli.models.load import enable_activation_checkpointing, load_base_model, load_tokenizer
 from peftcli.models.quantize import describe_quantization
+from peftcli.models.quantized_layers import parameter_count
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import (
@@ -48,7 +49,6 @@ from peftcli.train.output_dir import (
 )
 from peftcli.tuners.adapter import apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
-from peftcli.tuners.quantized import parameter_count
 from peftcli.tuners.registry import load_implementation
 
 METRICS_FILE = "metrics.jsonl"

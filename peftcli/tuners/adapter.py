@@ -17,15 +17,10 @@ from torch import nn
 
 import peftcli
 from peftcli.errors import AdapterError
-from peftcli.tuners.inject import (
-    TASK_HEAD_NAMES,
-    freeze,
-    is_base_parameter,
-    task_head_names,
-    unfreeze_modules_to_save,
-)
+from peftcli.models.heads import TASK_HEAD_NAMES, task_head_names
+from peftcli.models.quantized_layers import is_quantized, quantized_kind, quantized_layer_names
+from peftcli.tuners.inject import freeze, is_base_parameter, unfreeze_modules_to_save
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
-from peftcli.tuners.quantized import is_quantized, quantized_kind, quantized_layer_names
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
 HF_KEY_PREFIX = "base_model.model."

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from peftcli.errors import PeftCliError
-from peftcli.tuners.quantized import is_quantized
+from peftcli.models.heads import output_head_names, task_head_names
+from peftcli.models.quantized_layers import is_quantized
 from peftcli.tuners.targets import ALL_LINEAR, select_targets, short_names, unmatched_entries
 
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
@@ -44,32 +45,6 @@ def conv1d_as_linear(conv: nn.Module) -> nn.Linear:
         linear.bias = conv.bias
     linear.stored_transposed = True
     return linear
-
-
-TASK_HEAD_NAMES = ("score", "classifier")
-_HEADED_CLASSES = ("ForSequenceClassification", "ForTokenClassification")
-
-
-def task_head_names(model: nn.Module) -> list[str]:
-    """The freshly initialised classification head of a seq/token classification model (`score`, `classifier`).
-
-    It is trained in full and saved with every adapter, as HF PEFT's SEQ_CLS/TOKEN_CLS tasks do, and no
-    method wraps it.
-    """
-    if not type(model).__name__.endswith(_HEADED_CLASSES):
-        return []
-    return [name for name, _ in model.named_children() if name in TASK_HEAD_NAMES]
-
-
-def output_head_names(model: nn.Module) -> list[str]:
-    """Names of the output head (the LM head) and any task head, which `all-linear` leaves out."""
-    heads = []
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if head is not None and module is head:
-            heads.append(name)
-    return heads + task_head_names(model)
 
 
 def _inside(name: str, roots: list[str]) -> bool:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.errors import PeftCliError
+from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.inject import find_targets, replace_module
-from peftcli.tuners.quantized import weight_shape
 
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 

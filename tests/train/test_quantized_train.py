@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftcli.models.load import cpu_has_native_bf16, default_device, load_base_model
+from peftcli.models.hardware import cpu_has_native_bf16
+from peftcli.models.load import default_device, load_base_model
 from peftcli.recipe.load import load_recipe
 from peftcli.train.loop import train
 from peftcli.train.output_dir import list_checkpoints

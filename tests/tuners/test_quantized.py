@@ -13,10 +13,10 @@ import torch
 
 from peftcli.errors import AdapterError, PeftCliError
 from peftcli.models.load import load_base_model
+from peftcli.models.quantized_layers import float_weight, is_quantized, quantized_layer_names, weight_shape
 from peftcli.recipe.schema import ModelSection
 from peftcli.tuners.adapter import apply_adapter, load_adapter, merge_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
-from peftcli.tuners.quantized import float_weight, is_quantized, quantized_layer_names, weight_shape
 from peftcli.tuners.registry import all_tuners, get_tuner
 
 from support import without_cpu_repacking

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from peftcli.errors import PeftCliError
-from peftcli.tuners.inject import find_targets, output_head_names
+from peftcli.models.heads import output_head_names
+from peftcli.tuners.inject import find_targets
 from peftcli.tuners.targets import name_matches, select_targets, short_names, unmatched_entries
 
 LAYERS = [

@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import nn
 
 from peftcli.errors import PeftCliError
+from peftcli.models.heads import output_head_names, task_head_names
 from peftcli.tuners.bitfit.spec import BitFitParams
-from peftcli.tuners.inject import output_head_names, task_head_names
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.targets import ALL_LINEAR, name_matches, select_targets, short_names, unmatched_entries
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from peftcli.errors import PeftCliError
+from peftcli.models.heads import task_head_names
 from peftcli.tuners.full.spec import FullParams
-from peftcli.tuners.inject import task_head_names
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.targets import name_matches, short_names, unmatched_entries
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from peftcli.errors import PeftCliError
+from peftcli.models.heads import task_head_names
 from peftcli.tuners.ia3.spec import DEFAULT_TARGETS, SPEC, IA3Params, is_feedforward
-from peftcli.tuners.inject import find_targets, layer_classes, replace_module, task_head_names
+from peftcli.tuners.inject import find_targets, layer_classes, replace_module
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.targets import ALL_LINEAR, name_matches, short_names
 

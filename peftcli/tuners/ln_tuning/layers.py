@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from peftcli.errors import PeftCliError
-from peftcli.tuners.inject import replace_module, task_head_names
+from peftcli.models.heads import task_head_names
+from peftcli.tuners.inject import replace_module
 from peftcli.tuners.ln_tuning.spec import LNTuningParams
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
 from peftcli.tuners.targets import name_matches, select_targets, short_names, unmatched_entries

@@ -12,10 +12,10 @@ import math
 
 from torch import nn
 
+from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.loha.spec import LohaParams
 from peftcli.tuners.lycoris import LycorisLayer, kaiming_, merge_layers, tucker_rebuild, wrap_targets
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
-from peftcli.tuners.quantized import weight_shape
 
 
 class LohaLayer(LycorisLayer):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.lokr.spec import LokrParams, factorization
 from peftcli.tuners.lycoris import LycorisLayer, kaiming_, merge_layers, tucker_rebuild, wrap_targets
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
-from peftcli.tuners.quantized import weight_shape
 
 
 class LokrLayer(LycorisLayer):

@@ -14,6 +14,7 @@ from torch import nn
 
 from peftcli.errors import AdapterError, PeftCliError
 from peftcli.models.experts import fused_expert_parameters
+from peftcli.models.quantized_layers import is_quantized, quantized_kind
 from peftcli.tuners.adapter import HF_KEY_PREFIX, adapter_info
 from peftcli.tuners.inject import find_targets, replace_module
 from peftcli.tuners.lora.init import plain_lora_config, plain_lora_factors
@@ -29,7 +30,6 @@ from peftcli.tuners.lora.parameters import LoraParameter
 from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
 from peftcli.tuners.lora.spec import SPEC, LoraParams, changes_base
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod
-from peftcli.tuners.quantized import is_quantized, quantized_kind
 from peftcli.tuners.targets import ALL_LINEAR
 
 __all__ = [  # the layer classes are re-exported: other code reaches LoRA through this module

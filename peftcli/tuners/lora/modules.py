@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.errors import PeftCliError
+from peftcli.models.quantized_layers import float_weight
 from peftcli.tuners.lora.init import decompose
 from peftcli.tuners.lora.spec import changes_base
 from peftcli.tuners.lora.variants import DORA, PLAIN
-from peftcli.tuners.quantized import float_weight
 
 ADAPTER_DTYPE = torch.float32  # A, B and magnitudes are created in fp32 whatever the base dtype
 

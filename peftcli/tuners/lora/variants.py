@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftcli.tuners.quantized import float_weight, weight_shape
+from peftcli.models.quantized_layers import float_weight, weight_shape
 
 
 class PlainLora:
