@@ -87,3 +87,41 @@ def skip_where_hf_peft_predates_the_cache_rename(what: str) -> None:
             f"HF peft {peft_version} with transformers {transformers_version}: {what}; HF peft still passes "
             "`past_key_values`, which transformers 5.24 renamed to `cache`"
         )
+
+
+# --- comparing models ------------------------------------------------------------------------------------------
+
+
+def logits(model, inputs=None, **kwargs):
+    """The model's output logits without gradients; `inputs` is a tensor of input ids or a dict of inputs."""
+    import torch
+
+    if isinstance(inputs, dict):
+        kwargs = {**inputs, **kwargs}
+    elif inputs is not None:
+        kwargs["input_ids"] = inputs
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference of two finite tensors (compared in fp32)."""
+    import torch
+
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return (a.float() - b.float()).abs().max().item()
+
+
+def perturb(model, seed: int = 0, scale: float = 0.1) -> int:
+    """Seeded N(0, scale²) noise on every trainable parameter (ours or HF's); returns how many were changed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_((torch.randn(param.shape, generator=gen) * scale).to(param))
+                count += 1
+    return count

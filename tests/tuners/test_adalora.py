@@ -24,6 +24,8 @@ from peftcli.tuners.adapter import (
 )
 from peftcli.tuners.protocol import AdapterContext
 
+from support import logits, max_diff, perturb
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:The PEFT config.s .base_model_name_or_path. was renamed"),
@@ -32,24 +34,6 @@ pytestmark = [
 ]
 TOL = 1e-5
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def max_diff(a, b) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a - b).abs().max().item()
-
-
-def perturb(model, seed: int, scale: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def hf_name(name: str) -> str:
@@ -264,7 +248,7 @@ def test_resumed_final_phase_recovers_the_pattern_from_the_checkpoint_zeros(load
     settings = dict(init_r=4, target_r=2, tinit=0, tfinal=2, total_step=6, target_modules=["q_proj"])
     model = load_base()
     apply_adapter(model, AdaLoraParams(**settings))  # a resumed run: weights from a checkpoint, no allocator state
-    perturb(model, 0)
+    perturb(model, 0, scale=0.05)
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     with torch.no_grad():
         layer.lora_E[1:3] = 0.0  # what the final phase left in the checkpoint
@@ -287,7 +271,7 @@ def test_hf_adapter_with_an_empty_layer_loads(load_base, input_ids, tmp_path):
     theirs = get_peft_model(
         load_base(), AdaLoraConfig(init_r=4, target_r=1, total_step=5, target_modules=["q_proj", "v_proj"])
     )
-    perturb(theirs, 1)
+    perturb(theirs, 1, scale=0.05)
     pattern = {
         "model.layers.0.self_attn.q_proj.lora_E.default": [True, False, True, False],
         "model.layers.0.self_attn.v_proj.lora_E.default": [False, False, False, False],
@@ -318,14 +302,14 @@ def test_bert_sequence_classifier_interop(tiny_bert_dir, tmp_path):
     model = bert()
     info = apply_adapter(model, AdaLoraParams(init_r=4, target_r=2, total_step=8), AdapterContext(task="seq_cls"))
     assert "classifier" in info.head_modules
-    perturb(model, 4)
+    perturb(model, 4, scale=0.05)
     ours = logits(model, ids)
     save_adapter(model, tmp_path / "ours", base_model_name_or_path="tiny")
     assert max_diff(logits(PeftModel.from_pretrained(bert(), tmp_path / "ours").eval(), ids), ours) < TOL
     config = PeftConfig.from_pretrained(tmp_path / "ours")
     config.inference_mode = False
     theirs = get_peft_model(bert(), config).eval()
-    perturb(theirs, 5)
+    perturb(theirs, 5, scale=0.05)
     expected = logits(theirs, ids)
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = bert()

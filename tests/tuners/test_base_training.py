@@ -26,24 +26,13 @@ from peftcli.tuners.full.spec import FullParams
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
+from support import logits, perturb
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-def logits(model: nn.Module, **inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def trainable(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
-
-
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def round_trip(model, load, out, inputs, task="causal_lm"):

@@ -19,23 +19,12 @@ from peftcli.tuners.bottleneck.spec import BottleneckParams
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
 
+from support import max_diff, perturb
+
 
 def llama_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a - b).abs().max().item()
 
 
 def adapters(model: nn.Module) -> dict[str, BottleneckAdapter]:

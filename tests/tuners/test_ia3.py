@@ -19,29 +19,9 @@ from peftcli.tuners.ia3.spec import SPEC, IA3Params, is_feedforward
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner, tuner_for_peft_type
 
+from support import logits, max_diff, perturb
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
-
-
-def logits(model: nn.Module, **inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a - b).abs().max().item()
-
-
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.2) -> int:
-    """Seeded noise on every trainable parameter (ours or HF's); returns how many were changed."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
-                count += 1
-    return count
 
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Layer]:
@@ -296,7 +276,7 @@ def test_merge_unmerge_on_bert_with_biases(load_bert):
             if name.endswith("bias"):
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     apply_adapter(model, IA3Params(), AdapterContext(task="seq_cls"))
-    perturb(model)
+    perturb(model, scale=0.2)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     assert any(n.endswith("base_layer.bias") for n in before)
     unmerged = logits(model, input_ids=ids)
@@ -335,7 +315,7 @@ def test_near_zero_vector_entries_unmerge_exactly():
 def test_half_precision_base_keeps_fp32_vectors(load_base, input_ids):
     model = load_base().to(torch.bfloat16)
     apply_adapter(model, IA3Params())
-    perturb(model)
+    perturb(model, scale=0.2)
     layer = next(iter(ia3_layers(model).values()))
     assert layer.ia3_l.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     out = logits(model, input_ids=input_ids)
@@ -369,7 +349,7 @@ def test_training_updates_only_the_vectors(load_base, input_ids):
 def test_save_load_round_trip(load_base, input_ids, tiny_model_dir, tmp_path):
     model = load_base()
     info = apply_adapter(model, IA3Params(target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"]))
-    perturb(model)
+    perturb(model, scale=0.2)
     expected = logits(model, input_ids=input_ids)
     save_adapter(model, tmp_path / "a", str(tiny_model_dir))
     saved = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
@@ -434,7 +414,7 @@ def test_ours_loads_in_hf_peft(loaders, tmp_path, case):
     load, inputs, task = loaders[arch]
     model = load()
     info = apply_adapter(model, IA3Params(**params), AdapterContext(task=task))
-    perturb(model)
+    perturb(model, scale=0.2)
     ours = logits(model, **inputs)
     assert max_diff(ours, logits(load(), **inputs)) > 1e-3
     save_adapter(model, tmp_path / "a", None)
@@ -468,7 +448,7 @@ def test_hf_peft_loads_in_ours(loaders, tmp_path, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = get_peft_model(load(), IA3Config(task_type=hf_task, **params))
-    perturb(hf, seed=1)
+    perturb(hf, seed=1, scale=0.2)
     hf.eval()
     hf.save_pretrained(str(tmp_path / "hf"))
     expected = logits(hf, **inputs)

@@ -15,19 +15,12 @@ from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, loa
 from peftcli.tuners.lora.layers import LoraLinear
 from peftcli.tuners.lora.spec import LoraParams
 
+from support import logits, max_diff, perturb
+
 pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 TOL = 1e-5
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
 
 
 def randomize(model: nn.Module, names_with: tuple[str, ...], seed: int = 0, scale: float = 0.1) -> int:
@@ -176,18 +169,6 @@ def test_hf_rslora_scaling_is_read(load_base, tmp_path):
 # --- options beyond plain LoRA, both ways ----------------------------------------------------------------------
 
 
-def perturb_all(model: nn.Module, seed: int = 0, scale: float = 0.1) -> int:
-    """Add seeded noise to every trainable parameter (A, B, magnitudes, heads); returns how many."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
-                count += 1
-    return count
-
-
 VARIANT_CASES = {
     "dora": (dict(target_modules=["q_proj", "v_proj", "down_proj"], dora=True), dict(use_dora=True)),
     "dora-all-linear-rslora": (
@@ -221,7 +202,7 @@ def test_variants_load_in_hf_peft(load_base, input_ids, tiny_model_dir, tmp_path
 
     model = load_base()
     info = apply_adapter(model, LoraParams(r=4, alpha=8, **ours))
-    assert perturb_all(model) == len(info.param_names)
+    assert perturb(model) == len(info.param_names)
     model.eval()
     expected = logits(model, input_ids)
     assert max_diff(expected, logits(load_base(), input_ids)) > 1e-3
@@ -254,7 +235,7 @@ HF_VARIANT_CASES = {
 @pytest.mark.parametrize("config", list(HF_VARIANT_CASES.values()), ids=list(HF_VARIANT_CASES))
 def test_hf_peft_variants_load_in_ours(load_base, input_ids, tmp_path, config):
     hf = _hf_adapter(load_base, tmp_path, **config)
-    perturb_all(hf, seed=2)  # magnitudes too
+    perturb(hf, seed=2)  # magnitudes too
     hf.eval()
     hf.save_pretrained(str(tmp_path))
     expected = logits(hf, input_ids)

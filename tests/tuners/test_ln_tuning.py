@@ -19,6 +19,8 @@ from peftcli.tuners.ln_tuning.spec import SPEC, LNTuningParams
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import tuner_for_peft_type
 
+from support import logits, max_diff, perturb
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 LLAMA_NORMS = [
@@ -28,28 +30,6 @@ LLAMA_NORMS = [
     "model.layers.1.post_attention_layernorm",
     "model.norm",
 ]
-
-
-def logits(model: nn.Module, **inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a - b).abs().max().item()
-
-
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.2) -> int:
-    """Seeded noise on every trainable parameter (ours or HF's); returns how many were changed."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
-                count += 1
-    return count
 
 
 def ln_layers(model: nn.Module) -> dict[str, LNTuningLayer]:
@@ -116,7 +96,7 @@ def test_llama_defaults_identity_and_keys(load_base, input_ids):
         assert not layer.base_layer.weight.requires_grad
     assert [n for n, p in model.named_parameters() if p.requires_grad] == info.param_names
     assert torch.equal(logits(model, input_ids=input_ids), expected)
-    perturb(model)
+    perturb(model, scale=0.2)
     assert max_diff(logits(model, input_ids=input_ids), expected) > 1e-3
 
 
@@ -186,7 +166,7 @@ def test_model_without_norms_asks_for_target_modules():
 def test_merge_writes_the_tuned_norm_and_unmerge_restores(load_base, input_ids):
     model = load_base()
     apply_adapter(model, LNTuningParams())
-    perturb(model)
+    perturb(model, scale=0.2)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     unmerged = logits(model, input_ids=input_ids)
     merge_all(model)
@@ -205,7 +185,7 @@ def test_half_precision_base(load_base, input_ids):
     apply_adapter(model, LNTuningParams())
     layer = ln_layers(model)["model.norm"]
     assert layer.ln_tuning_layers.weight.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
-    perturb(model)
+    perturb(model, scale=0.2)
     out = logits(model, input_ids=input_ids)
     assert out.dtype == torch.bfloat16
     merge_all(model)
@@ -238,7 +218,7 @@ def test_training_updates_only_the_copies(load_base, input_ids):
 def test_save_load_round_trip(load_base, input_ids, tiny_model_dir, tmp_path):
     model = load_base()
     info = apply_adapter(model, LNTuningParams(exclude_modules=["norm"]))
-    perturb(model)
+    perturb(model, scale=0.2)
     expected = logits(model, input_ids=input_ids)
     save_adapter(model, tmp_path / "a", str(tiny_model_dir))
     assert set(load_file(str(tmp_path / "a" / WEIGHTS_NAME))) == {f"base_model.model.{n}" for n in info.param_names}
@@ -290,7 +270,7 @@ def test_ours_loads_in_hf_peft(loaders, input_ids, tmp_path, case):
     ids = input_ids.clamp(min=5)
     model = load()
     info = apply_adapter(model, LNTuningParams(**ours_params), AdapterContext(task=task))
-    perturb(model)
+    perturb(model, scale=0.2)
     ours = logits(model, **model_inputs(arch, ids))
     save_adapter(model, tmp_path / "a", None)
     saved = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
@@ -317,7 +297,7 @@ def test_hf_peft_loads_in_ours(loaders, input_ids, tmp_path, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = get_peft_model(load(), LNTuningConfig(task_type=hf_task, **hf_params))
-    assert perturb(hf, seed=1) > 0
+    assert perturb(hf, seed=1, scale=0.2) > 0
     hf.eval()
     hf.save_pretrained(str(tmp_path / "hf"))
     expected = logits(hf, **model_inputs(arch, ids))

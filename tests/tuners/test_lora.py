@@ -16,10 +16,7 @@ from peftcli.tuners.adapter import WEIGHTS_NAME, adapter_info, apply_adapter, lo
 from peftcli.tuners.lora.layers import LoraLinear, merge_all, unmerge_all
 from peftcli.tuners.lora.spec import LoraParams
 
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+from support import logits
 
 
 def randomize_lora_b(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:

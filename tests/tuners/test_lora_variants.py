@@ -30,30 +30,9 @@ from peftcli.tuners.lora.layers import (
 from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
 from peftcli.tuners.lora.spec import LoraParams
 
+from support import logits, max_diff, perturb
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a.float() - b.float()).abs().max().item()
-
-
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> int:
-    """Add seeded noise to every trainable parameter; returns how many."""
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for _, param in model.named_parameters():
-            if param.requires_grad:
-                param.add_((torch.randn(param.shape, generator=gen) * scale).to(param))
-                count += 1
-    return count
 
 
 def train_steps(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:

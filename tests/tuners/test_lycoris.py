@@ -26,6 +26,8 @@ from peftcli.tuners.loha.spec import LohaParams
 from peftcli.tuners.lokr.layers import LokrLayer
 from peftcli.tuners.lokr.spec import LokrParams, factorization
 
+from support import max_diff, perturb
+
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -59,21 +61,6 @@ CONV_TARGETS = ["conv", "grouped", "point", "seq", "head"]
 def run(model: nn.Module, ids: torch.Tensor | None = None) -> torch.Tensor:
     with torch.no_grad():
         return model(CONV_INPUT) if ids is None else model(input_ids=ids).logits
-
-
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> int:
-    """Add seeded noise to every trainable parameter; returns how many."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for param in params:
-            param.add_(torch.randn(param.shape, generator=gen) * scale)
-    return len(params)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a - b).abs().max().item()
 
 
 def hf_config(method: str, **kwargs):

@@ -22,6 +22,8 @@ from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.vera.layers import VeraLinear, VeraProjections
 from peftcli.tuners.vera.spec import VeraParams
 
+from support import logits, max_diff, perturb
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Specified to not (save|load) vera_A:UserWarning"),
@@ -29,24 +31,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Could not find a config file in tiny"),
 ]
 TOL = 1e-5
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def max_diff(a, b) -> float:
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a - b).abs().max().item()
-
-
-def perturb(model, seed: int, scale: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def test_layers_start_as_identity_with_d_initial(load_base, input_ids):
@@ -140,7 +124,7 @@ def test_saved_projections_win_over_the_seed(load_base, input_ids, tmp_path):
     apply_adapter(model, VeraParams(r=8, target_modules=["v_proj", "up_proj"]))
     with torch.no_grad():
         model.vera_projections.vera_A.mul_(-2.0)  # as if drawn on another system
-    perturb(model, 0)
+    perturb(model, 0, scale=0.05)
     expected = logits(model, input_ids)
     save_adapter(model, tmp_path, base_model_name_or_path="tiny")
     loaded = load_base()
@@ -162,7 +146,7 @@ def test_interop_with_hf_peft_both_ways(load_base, input_ids, tmp_path, params):
 
     model = load_base()
     apply_adapter(model, VeraParams(**params))
-    perturb(model, 1)
+    perturb(model, 1, scale=0.05)
     ours = logits(model, input_ids)
     assert max_diff(ours, logits(load_base(), input_ids)) > 1e-3
     save_adapter(model, tmp_path / "ours", base_model_name_or_path="tiny")
@@ -173,7 +157,7 @@ def test_interop_with_hf_peft_both_ways(load_base, input_ids, tmp_path, params):
     config = PeftConfig.from_pretrained(tmp_path / "ours")
     config.inference_mode = False
     hf = get_peft_model(load_base(), config).eval()
-    perturb(hf, 2)
+    perturb(hf, 2, scale=0.05)
     expected = logits(hf, input_ids)
     hf.save_pretrained(tmp_path / "theirs")
     loaded = load_base()
@@ -192,7 +176,7 @@ def test_bert_sequence_classifier_interop(tiny_bert_dir, tmp_path):
     model = bert()
     info = apply_adapter(model, VeraParams(r=8), AdapterContext(task="seq_cls"))
     assert "bert.pooler.dense" in info.targeted and "classifier" not in info.targeted
-    perturb(model, 4)
+    perturb(model, 4, scale=0.05)
     ours = logits(model, ids)
     save_adapter(model, tmp_path, base_model_name_or_path="tiny")
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
@@ -228,7 +212,7 @@ def test_merge_unmerge_and_half_precision(load_base, tiny_model_dir, input_ids):
 
     half = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     apply_adapter(half, VeraParams(r=8, target_modules=["q_proj"]))
-    perturb(half, 6)
+    perturb(half, 6, scale=0.05)
     assert half.vera_projections.vera_A.dtype == torch.float32
     assert half.get_submodule("model.layers.0.self_attn.q_proj").vera_lambda_b.dtype == torch.float32
     out = logits(half, input_ids)
