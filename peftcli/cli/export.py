@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
@@ -39,18 +38,13 @@ def export(
 
 def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) -> None:
     from peftcli.errors import PeftCliError
-    from peftcli.export.merge import _open_output, _publish
     from peftcli.export.peft_format import export_peft
+    from peftcli.train.run_dir import staged_dir
 
     if not is_adapter:
         raise PeftCliError(f"{source}: no adapter_config.json; --format peft exports a run's adapter")
-    tmp = _open_output(output, overwrite)
-    try:
+    with staged_dir(output, overwrite) as tmp:
         export_peft(source, tmp)
-        _publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     typer.echo(f"wrote the adapter in HF PEFT format with a model card -> {output}")
 
 

@@ -30,7 +30,7 @@ def train(
     """Fine-tune a model as the recipe says and write the adapter to output.dir."""
     from peftcli.cli.progress import print_plan
     from peftcli.recipe.load import load_recipe
-    from peftcli.train.output_dir import check_output_dir
+    from peftcli.train.run_dir import check_output_dir
 
     flags = {"preset": launch, "nproc": nproc, "nnodes": nnodes, "node_rank": node_rank,
              "main_address": main_address, "main_port": main_port}  # fmt: skip

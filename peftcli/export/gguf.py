@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from peftcli.errors import PeftCliError
 from peftcli.export.gguf_tokenizer import add_tokenizer
+from peftcli.train.run_dir import staged_file
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Both use llama.cpp's "llama" architecture: same tensors, same maths.
@@ -114,10 +113,11 @@ def write_gguf_from_run(
     """
     import torch
 
-    from peftcli.export.merge import open_merge, run_model_section
+    from peftcli.export.merge import open_merge
+    from peftcli.train.run_dir import model_section
 
     run_dir = Path(run_dir)
-    section = run_model_section(run_dir, base)
+    section = model_section(run_dir, base)
     where = f"{run_dir} (base {section.name_or_path})"
     config_file = Path(section.name_or_path).expanduser() / "config.json"
     config = None
@@ -144,7 +144,7 @@ def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quan
     """The GGUF file from tensor shapes (HF names) and `read(name)`, one tensor in memory at a time."""
     if quant not in GGUF_TYPES:
         raise PeftCliError(f"unknown gguf type {quant!r}; choose one of {', '.join(GGUF_TYPES)}")
-    if out_file.exists() and not overwrite:
+    if out_file.exists() and not overwrite:  # before the work; staged_file checks again at the end
         raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
     tensors, n_vocab = _plan_tensors(shapes, config, quant, str(tokenizer_dir))
 
@@ -155,23 +155,15 @@ def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quan
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype))
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden, unique name beside the target: the rename is atomic, and the file gets the usual permissions.
-    tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in tensors:
-            writer.write_tensor_data(_encode(_load(t, read), t))
-        writer.close()
-        if out_file.exists() and not overwrite:  # someone wrote it while we were busy
-            raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
-        os.replace(tmp, out_file)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged_file(out_file, overwrite) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tensors:
+                writer.write_tensor_data(_encode(_load(t, read), t))
+        finally:
+            writer.close()
     return out_file
 
 

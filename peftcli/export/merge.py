@@ -20,8 +20,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -31,6 +29,7 @@ from peftcli.export.safetensors_stream import OutputTensor, ShardSetWriter, spli
 from peftcli.models.experts import checkpoint_rows
 from peftcli.models.load import DTYPES, build_empty_model, is_gguf
 from peftcli.recipe.schema import ModelSection
+from peftcli.train.run_dir import TOKENIZER_FILES, label_names, model_section, staged_dir, trained_quantized
 from peftcli.tuners.adapter import (
     WEIGHTS_NAME,
     adapter_task,
@@ -43,21 +42,7 @@ from peftcli.tuners.inject import unwrapped_name
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
 
-RECIPE_FILE = "recipe.yaml"
-SUMMARY_FILE = "summary.json"
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "spiece.model",
-)
 
 
 @dataclass
@@ -86,51 +71,6 @@ def parse_size(text: str) -> int:
         return int(float(number) * units[unit])
     except (ValueError, KeyError):
         raise PeftCliError(f"--max-shard-size: {text!r} is not a size (e.g. 2GB, 500MB, 1GiB)") from None
-
-
-# --- the base a run was trained on ----------------------------------------------------------------------------
-
-
-def run_model_section(adapter_dir: Path, base: str | None) -> ModelSection:
-    """The model section of the run's saved recipe, with `--base` replacing its name_or_path.
-
-    Only the model section is validated: the run's data need not exist where the merge runs.
-    """
-    recipe_path = adapter_dir / RECIPE_FILE
-    section: dict = {}
-    if recipe_path.is_file():
-        section = dict((yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}).get("model") or {})
-    if base is not None:
-        section["name_or_path"] = base
-    if not section.get("name_or_path"):
-        _, _, raw = read_adapter_config(adapter_dir)
-        section["name_or_path"] = raw.get("base_model_name_or_path")
-    if not section.get("name_or_path"):
-        raise PeftCliError(f"{adapter_dir}: no {RECIPE_FILE} and no base model recorded; pass --base PATH")
-    section.pop("quantization", None)  # the merge always reads the 16-bit checkpoint
-    try:
-        return ModelSection(**section)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        source = "--base" if base is not None and where == "name_or_path" else f"{recipe_path}: model.{where}"
-        raise PeftCliError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
-
-
-def _trained_quantized(adapter_dir: Path) -> bool:
-    recipe = adapter_dir / RECIPE_FILE
-    if not recipe.is_file():
-        return False
-    model = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model") or {}
-    return bool(model.get("quantization"))
-
-
-def _label_names(adapter_dir: Path) -> list[str] | None:
-    summary = adapter_dir / SUMMARY_FILE
-    if summary.is_file():
-        names = json.loads(summary.read_text(encoding="utf-8")).get("label_names")
-        return [str(n) for n in names] if names else None
-    return None
 
 
 # --- the skeleton -----------------------------------------------------------------------------------------------
@@ -373,28 +313,6 @@ def _add_rows(tensor: torch.Tensor, layer: nn.Module, rows: torch.Tensor) -> tor
         return tensor.to(torch.float32, copy=True).add_(layer.delta_rows(rows))
 
 
-def _open_output(output: Path, overwrite: bool) -> Path:
-    if output.exists() and not overwrite:
-        raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, output: Path) -> None:
-    """Put the finished directory in place; an existing output (with --overwrite) is replaced only now."""
-    if output.exists():
-        old = output.parent / f".{output.name}.replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(output)
-
-
 def _copy_side_files(adapter_dir: Path, base_dir: Path | None, out: Path, config) -> None:
     config.save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -525,11 +443,11 @@ def open_merge(adapter_dir: str | Path, base: str | None = None, dtype: str = "b
     weights = adapter_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
-    section = run_model_section(adapter_dir, base)
+    section = model_section(adapter_dir, base)
     task = adapter_task(raw)
     if section.task != task:
         section = section.model_copy(update={"task": task})
-    labels = _label_names(adapter_dir)
+    labels = label_names(adapter_dir)
     notes = []
 
     skeleton = build_skeleton(section, labels)
@@ -580,7 +498,7 @@ def open_merge(adapter_dir: str | Path, base: str | None = None, dtype: str = "b
             "each side and sets tie_word_embeddings: false"
         )
     plan.new_keys = [k for k in plan.replaced if k not in keys]
-    if _trained_quantized(adapter_dir):
+    if trained_quantized(adapter_dir):
         notes.append("the run trained on a quantized base; its update is merged into the base's 16-bit weights")
     return MergeSource(method, section, skeleton, plan, keys, base_dir, shards, notes, checkpoint, gguf_state)
 
@@ -608,19 +526,15 @@ def merge_adapter_dir(
     largest = max((p.stat().st_size for p in source.shards), default=0)
     limit = parse_size(max_shard_size) if max_shard_size else max(largest, 1 << 30)
     layout = [_output_tensor(key, source, out_dtype) for key in source.output_keys()]
-    tmp = _open_output(output, overwrite)
     try:
-        writer = _open_writer(tmp, layout, limit)
-        for key, value in source.stream(progress):
-            writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
-        writer.close()
-        _copy_side_files(adapter_dir, source.base_dir, tmp, source.config(out_dtype))
-        if check is not None:
-            check(tmp)
-        _publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(output, overwrite) as tmp:
+            writer = _open_writer(tmp, layout, limit)
+            for key, value in source.stream(progress):
+                writer.write(key, value.to(out_dtype) if value.is_floating_point() else value)
+            writer.close()
+            _copy_side_files(adapter_dir, source.base_dir, tmp, source.config(out_dtype))
+            if check is not None:
+                check(tmp)
     finally:
         source.close()
     return MergeResult(

@@ -13,17 +13,9 @@ from pathlib import Path
 import yaml
 
 from peftcli.errors import AdapterError
+from peftcli.train.run_dir import TOKENIZER_FILES, read_recipe, read_summary
 from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from peftcli.tuners.registry import all_tuners, get_tuner
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    text = path.read_text(encoding="utf-8")
-    return (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
 
 
 def _metric_lines(summary: dict) -> list[str]:
@@ -47,8 +39,7 @@ def _metric_lines(summary: dict) -> list[str]:
 
 def model_card(adapter_dir: Path, method: str, raw_config: dict) -> str:
     """README.md for the exported adapter, from the run's recipe, summary and adapter config."""
-    recipe = _read(adapter_dir / "recipe.yaml")
-    summary = _read(adapter_dir / "summary.json")
+    recipe, summary = read_recipe(adapter_dir), read_summary(adapter_dir)
     base = (recipe.get("model") or {}).get("name_or_path") or raw_config.get("base_model_name_or_path") or "unknown"
     spec = get_tuner(method)
     data = recipe.get("data") or {}

@@ -67,15 +67,15 @@ def verify_merged(adapter_dir: str | Path, merged_dir: str | Path, dtype: torch.
     """
     from transformers import AutoTokenizer
 
-    from peftcli.export.merge import _label_names, run_model_section
     from peftcli.models.load import auto_class, load_base_model
+    from peftcli.train.run_dir import label_names, model_section
     from peftcli.tuners.adapter import adapter_info, adapter_task, load_adapter, read_adapter_config
 
     adapter_dir, merged_dir = Path(adapter_dir), Path(merged_dir)
     _, _, raw = read_adapter_config(adapter_dir)
-    section = run_model_section(adapter_dir, base).model_copy(update={"dtype": "fp32", "task": adapter_task(raw)})
+    section = model_section(adapter_dir, base).model_copy(update={"dtype": "fp32", "task": adapter_task(raw)})
     batches = _inputs(AutoTokenizer.from_pretrained(merged_dir), section.task)
-    reference = load_base_model(section, label_names=_label_names(adapter_dir)).eval()
+    reference = load_base_model(section, label_names=label_names(adapter_dir)).eval()
     load_adapter(reference, adapter_dir)
     expected = _logits(reference, batches)
     adapter_params = set(adapter_info(reference).param_names)

@@ -8,7 +8,6 @@ Under FSDP2 accelerate writes the model itself (sharded, through torch.distribut
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from peftcli.train.distributed import unwrap_model
 from peftcli.tuners.adapter import adapter_info
 from peftcli.tuners.registry import load_implementation
 
-TRAINER_STATE = "trainer_state.json"
 METHOD_STATE = "method_state.safetensors"  # a method's own training state (AdaLoRA's importance estimates)
 
 
@@ -114,13 +112,3 @@ def _load_fsdp_adapter(fsdp_plugin, accelerator, model, input_dir, model_index=0
     tensors = get_model_state_dict(model, options=options)  # the shapes and shards to read into
     dcp.load({"model": tensors}, checkpoint_id=directory)
     set_model_state_dict(model, tensors, options=StateDictOptions(ignore_frozen_params=True, strict=False))
-
-
-def write_trainer_state(checkpoint_dir: Path, state: dict) -> None:
-    """The loop's own counters; written last, so its presence marks a complete checkpoint."""
-    (checkpoint_dir / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-
-
-def read_trainer_state(checkpoint_dir: Path) -> dict:
-    """Counters of a checkpoint."""
-    return json.loads((checkpoint_dir / TRAINER_STATE).read_text(encoding="utf-8"))

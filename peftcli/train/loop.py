@@ -1,20 +1,20 @@
-"""The training loop: recipe in, adapter directory out. One loop for every method, on accelerate.
+"""The training loop: recipe in, run directory out. One loop for every method, on accelerate.
 
-Read top to bottom: check the output directory, build the accelerator, tokenizer, data, model and
-adapter, evaluate, then optimise step by step with checkpoints, evaluate again and write the run.
-Nothing here prints: progress goes to a `Reporter`, which the CLI implements.
+`train` reads top to bottom: `set_up` builds the run (accelerator, data, model and adapter, optimizer and
+schedule, the run directory started or resumed), then it evaluates, optimises step by step with checkpoints,
+evaluates again and writes the run. Nothing here prints: progress goes to a `Reporter`, which the CLI
+implements.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -24,36 +24,36 @@ import peftcli
 from peftcli.data.collate import PadCollator
 from peftcli.data.prepare import prepare_data
 from peftcli.errors import PeftCliError
+from peftcli.launch.presets import Engine
 from peftcli.models.experts import experts_left_out
 from peftcli.models.load import enable_activation_checkpointing, load_base_model, load_tokenizer
 from peftcli.models.quantize import describe_quantization
 from peftcli.models.quantized_layers import parameter_count
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
-from peftcli.train.checkpoint import (
-    fsdp_adapter_checkpoints,
-    install_adapter_only_hooks,
-    read_trainer_state,
-    write_trainer_state,
-)
+from peftcli.train.checkpoint import fsdp_adapter_checkpoints, install_adapter_only_hooks
 from peftcli.train.evaluate import evaluate_loss, generation_score, majority_class_rate, prompt_ids
-from peftcli.train.losses import batch_loss_sums, forward_logits, label_count
-from peftcli.train.optim import build_optimizer, lr_factor, warmup_steps
-from peftcli.train.output_dir import (
+from peftcli.train.objective import Objective, TaskObjective
+from peftcli.train.optim import LearningRateSchedule, build_optimizer
+from peftcli.train.run_dir import (
+    METRICS_FILE,
     RECIPE_FILE,
+    SAMPLES_FILE,
+    append_jsonl,
     check_output_dir,
     checkpoint_path,
     clear_run_dir,
     list_checkpoints,
     prune_checkpoints,
+    read_jsonl,
+    read_trainer_state,
+    write_jsonl,
+    write_summary,
+    write_trainer_state,
 )
-from peftcli.tuners.adapter import apply_adapter, save_adapter
+from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import load_implementation
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-SAMPLES_FILE = "samples.jsonl"
 
 
 class Reporter(Protocol):
@@ -101,15 +101,245 @@ class LoopState:
     elapsed: float = 0.0
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+@dataclass
+class Run:
+    """Everything `set_up` built for one run; the loop, evaluation and the summary read it."""
+
+    recipe: Recipe
+    out_dir: Path
+    mode: str  # "new", "overwrite" or "resume" (see check_output_dir)
+    accelerator: Any
+    engine: Engine
+    tokenizer: Any
+    data: Any  # PreparedData
+    train_loader: DataLoader
+    eval_loader: DataLoader | None
+    model: Any  # as accelerate prepared it
+    unwrapped: Any  # the model itself, with its adapter
+    info: AdapterInfo
+    method: Any  # the method's torch side (tuners/protocol.py)
+    objective: Objective
+    optimizer: Any
+    schedule: LearningRateSchedule
+    total_steps: int
+    facts: dict  # what the plan and the summary both report
+    state: LoopState = field(default_factory=LoopState)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.engine.kind == "deepspeed"
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return len(self.train_loader)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> dict:
+    """Run a recipe; returns the run summary (also written to summary.json)."""
+    reporter = reporter or SilentReporter()
+    run = set_up(recipe, resume, overwrite, reporter)
+    training = recipe.training
+    evaluation = Evaluation(run, reporter)
+    reporter.start({**run.facts, "start_step": run.state.step, "notes": _notes(run)})
+    if run.mode != "resume" and training.eval_at_start:
+        evaluation.loss(0)
+        evaluation.generations(0)
+
+    stream = _micro_batch_stream(run.accelerator, run.train_loader, run.state.micro_batches)
+    run.model.train()
+    started = time.perf_counter() - run.state.elapsed
+    while run.state.step < run.total_steps:
+        record = optimizer_step(run, stream, started)
+        step = run.state.step
+        if step % training.log_every == 0 or step == run.total_steps:
+            if run.main:
+                append_jsonl(run.out_dir / METRICS_FILE, record)
+            reporter.step({**record, "total_steps": run.total_steps})
+        if training.eval_every and step % training.eval_every == 0 and step < run.total_steps:
+            evaluation.loss(step)
+        if training.save_every and step % training.save_every == 0 and step < run.total_steps:
+            save_checkpoint(run)
+
+    evaluation.loss(run.state.step)
+    evaluation.generations(run.state.step)
+    return finish(run, reporter)
+
+
+# --- set-up -------------------------------------------------------------------------------------------------------
+
+
+def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) -> Run:
+    """Accelerator, data, model and adapter, optimizer, then the run directory started or resumed."""
+    from peftcli.train.distributed import unwrap_model
+
+    out_dir = Path(recipe.output.dir)
+    mode = check_output_dir(out_dir, resume, overwrite)  # before any work: a refused directory costs nothing
+    accelerator, engine, whole_base = _accelerator(recipe)
+    tokenizer, data, train_loader, eval_loader = _data(recipe, accelerator, reporter)
+    total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
+    model, info = _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data, total_steps, reporter)
+    method = load_implementation(recipe.method.name)
+    groups = method.optimizer_groups(model, recipe.method) if hasattr(method, "optimizer_groups") else None
+    optimizer = build_optimizer(model, recipe.training, groups)
+    loaders = (train_loader, eval_loader) if eval_loader is not None else (train_loader,)
+    model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
+    install_adapter_only_hooks(accelerator)
+    unwrapped = unwrap_model(accelerator, model)
+    run = Run(
+        recipe=recipe,
+        out_dir=out_dir,
+        mode=mode,
+        accelerator=accelerator,
+        engine=engine,
+        tokenizer=tokenizer,
+        data=data,
+        train_loader=loaders[0],
+        eval_loader=loaders[1] if eval_loader is not None else None,
+        model=model,
+        unwrapped=unwrapped,
+        info=info,
+        method=method,
+        objective=TaskObjective(recipe.model.task, unwrapped.config),
+        optimizer=optimizer,
+        schedule=LearningRateSchedule(recipe.training, total_steps),
+        total_steps=total_steps,
+        facts={},
+    )
+    run.facts = _facts(run)
+    _start_or_resume(run, reporter)
+    return run
+
+
+def _accelerator(recipe: Recipe):
+    """The Accelerator for the launcher's engine (a preset, or none), checked and seeded."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    from peftcli.train.distributed import (
+        check_processes_joined,
+        describe_engine,
+        engine_options,
+        fsdp_between_cpu_processes,
+        starts_from_base_weights,
+    )
+
+    whole_base = starts_from_base_weights(recipe.method)
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(recipe.training.precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **engine_options(recipe.training, whole_base),
+    )
+    check_processes_joined(accelerator)
+    fsdp_between_cpu_processes(accelerator)
+    set_seed(recipe.training.seed)
+    return accelerator, describe_engine(accelerator), whole_base
+
+
+def _data(recipe: Recipe, accelerator, reporter: Reporter):
+    """The tokenizer, the prepared data and their loaders (tokenized once, by the main process first)."""
+    reporter.message(f"loading tokenizer and data for {recipe.model.name_or_path}")
+    tokenizer = load_tokenizer(recipe.model)
+    with accelerator.main_process_first():  # the other processes read the datasets cache
+        data = prepare_data(recipe, tokenizer)
+    batch, collator = recipe.training.batch_size, PadCollator(tokenizer.pad_token_id)
+    train_loader = DataLoader(data.train, batch_size=batch, shuffle=True, collate_fn=collator)
+    eval_loader = None
+    if data.validation is not None:
+        eval_loader = DataLoader(data.validation, batch_size=batch, collate_fn=collator)
+    return tokenizer, data, train_loader, eval_loader
+
+
+def _total_steps(training, micro_per_epoch: int) -> int:
+    """Optimizer steps of the run, known before the model is built (AdaLoRA's budget needs it)."""
+    if training.max_steps is not None:
+        return training.max_steps
+    return max(1, math.ceil((training.epochs or 1.0) * micro_per_epoch / training.gradient_accumulation))
+
+
+def _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data, total_steps, reporter):
+    """The base model with the recipe's method applied (built partitioned under ZeRO-3 unless the method
+    starts from whole weights), activation checkpointing on if asked."""
+    from peftcli.train.distributed import whole_weights
+
+    if engine.kind == "deepspeed" and engine.zero_stage == 3:
+        how = "whole in each process (the method starts from its weights)" if whole_base else "partitioned (zero.Init)"
+        reporter.message(f"loading the base model {how}")
+    else:
+        reporter.message("loading the base model")
+    label_names = getattr(data, "label_names", None)
+    placement = {"device_map": {"": str(accelerator.device)}} if recipe.model.quantization is not None else {}
+    with whole_weights(accelerator, engine, whole_base):
+        model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
+        context = AdapterContext(task=recipe.model.task, tokenizer=tokenizer, total_steps=total_steps)
+        info = apply_adapter(model, recipe.method, context)
+    if recipe.training.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, info
+
+
+def _facts(run: Run) -> dict:
+    """The numbers the plan shows before training and the summary keeps after it."""
+    training, data = run.recipe.training, run.data
+    return {
+        "total_steps": run.total_steps,
+        "micro_batches_per_epoch": run.micro_per_epoch,
+        "effective_batch_size": training.batch_size * training.gradient_accumulation * run.world,
+        "batch_size": training.batch_size,
+        "accumulation": training.gradient_accumulation,
+        "world_size": run.world,
+        "engine": run.engine.describe(),
+        "train_examples": len(data.train),
+        "validation_examples": 0 if data.validation is None else len(data.validation),
+        "trainable_params": run.info.trainable_count(run.unwrapped),
+        "total_params": sum(parameter_count(p) for p in run.unwrapped.parameters()),
+        "targeted_modules": len(run.info.targeted),
+        "targeted_parameters": len(run.info.targeted_parameters),
+        "precision": run.accelerator.mixed_precision,
+        "quantization": describe_quantization(run.unwrapped),
+        "optimizer": training.optimizer,
+        "task": run.recipe.model.task,
+        "label_names": getattr(data, "label_names", None),
+        "device": str(run.accelerator.device),
+        "data_stats": {k: vars(v) for k, v in data.stats.items()},
+    }
+
+
+def _notes(run: Run) -> list[str]:
+    """What the plan should tell the user besides its numbers."""
+    info = run.info
+    experts = experts_left_out(run.unwrapped, [*info.param_names, *info.targeted_parameters])
+    return [experts] if experts else []
+
+
+def _start_or_resume(run: Run, reporter: Reporter) -> None:
+    """A new run writes its recipe; a resumed one loads its newest checkpoint and forgets later metrics."""
+    out_dir, recipe = run.out_dir, run.recipe
+    if run.mode == "resume":
+        _, ckpt = list_checkpoints(out_dir)[-1]
+        with fsdp_adapter_checkpoints(run.engine.kind == "fsdp"):
+            run.accelerator.load_state(str(ckpt), **({"load_module_strict": False} if run.deepspeed else {}))
+        run.state = LoopState(**read_trainer_state(ckpt))
+        if run.main:  # what the interrupted run logged after its last checkpoint is redone
+            metrics = out_dir / METRICS_FILE
+            write_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("step", 0) <= run.state.step])
+        reporter.message(f"resuming from {ckpt} (step {run.state.step} of {run.total_steps})")
+        changed = _changed_keys(out_dir / RECIPE_FILE, recipe)
+        if changed:
+            reporter.message(f"note: the recipe differs from the run's {RECIPE_FILE} in {', '.join(changed)}")
+    elif run.main:
+        if run.mode == "overwrite":
+            clear_run_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    run.accelerator.wait_for_everyone()
 
 
 def _flatten(data, prefix: str = "") -> dict:
@@ -130,6 +360,9 @@ def _changed_keys(saved_recipe: Path, recipe: Recipe) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
+# --- one optimizer step ---------------------------------------------------------------------------------------
+
+
 def _micro_batch_stream(accelerator, dataloader, start: int):
     """Micro-batches forever, epoch after epoch, starting after the first `start` of them (resume)."""
     per_epoch = len(dataloader)
@@ -147,309 +380,161 @@ def _reseed(seed: int, step: int, rank: int, world: int) -> None:
     torch.manual_seed((seed * 1_000_003 + step * world + rank) % (2**63))
 
 
-def _notes(model, info) -> list[str]:
-    """What the plan should tell the user besides its numbers."""
-    experts = experts_left_out(model, [*info.param_names, *info.targeted_parameters])
-    return [experts] if experts else []
+def optimizer_step(run: Run, stream, started: float) -> dict:
+    """One optimizer step over an accumulation window; returns its metrics record.
 
-
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> dict:
-    """Run a recipe; returns the run summary (also written to summary.json)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    from peftcli.train.distributed import (
-        check_processes_joined,
-        describe_engine,
-        engine_options,
-        fsdp_between_cpu_processes,
-        full_state_dict,
-        gathered,
-        starts_from_base_weights,
-        unwrap_model,
-        whole_weights,
-    )
-
-    reporter = reporter or SilentReporter()
-    training = recipe.training
-    out_dir = Path(recipe.output.dir)
-    mode = check_output_dir(out_dir, resume, overwrite)
-
-    whole_base = starts_from_base_weights(recipe.method)
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(training.precision),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        **engine_options(training, whole_base),
-    )
-    check_processes_joined(accelerator)
-    fsdp_between_cpu_processes(accelerator)
-    engine = describe_engine(accelerator)
-    deepspeed = engine.kind == "deepspeed"
-    main = accelerator.is_main_process
-    set_seed(training.seed)
-
-    reporter.message(f"loading tokenizer and data for {recipe.model.name_or_path}")
-    tokenizer = load_tokenizer(recipe.model)
-    with accelerator.main_process_first():  # tokenize once; the other processes read the datasets cache
-        data = prepare_data(recipe, tokenizer)
-
-    task = recipe.model.task
-    world = accelerator.num_processes
+    The objective's label losses are summed over the whole window and divided once by the window's label
+    count over all processes: every label weighs the same whatever the padding, accumulation or world size.
+    """
+    training, accelerator, model = run.recipe.training, run.accelerator, run.model
+    step_start = time.perf_counter()
     accumulation = training.gradient_accumulation
-    collator = PadCollator(tokenizer.pad_token_id)
-    train_loader = DataLoader(data.train, batch_size=training.batch_size, shuffle=True, collate_fn=collator)
-    eval_loader = None
-    if data.validation is not None:
-        eval_loader = DataLoader(data.validation, batch_size=training.batch_size, collate_fn=collator)
-    # Known before the model is built, for methods with schedules (AdaLoRA's rank budget). Each process
-    # sees its share of the batches.
-    micro_per_epoch = math.ceil(len(train_loader) / world)
-    if training.max_steps is not None:
-        total_steps = training.max_steps
-    else:
-        total_steps = max(1, math.ceil((training.epochs or 1.0) * micro_per_epoch / accumulation))
-    warm = warmup_steps(training, total_steps)
-
-    if engine.kind == "deepspeed" and engine.zero_stage == 3:
-        how = "whole in each process (the method starts from its weights)" if whole_base else "partitioned (zero.Init)"
-        reporter.message(f"loading the base model {how}")
-    else:
-        reporter.message("loading the base model")
-    label_names = getattr(data, "label_names", None)
-    placement = {"device_map": {"": str(accelerator.device)}} if recipe.model.quantization is not None else {}
-    with whole_weights(accelerator, engine, whole_base):
-        model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
-        context = AdapterContext(task=task, tokenizer=tokenizer, total_steps=total_steps)
-        info = apply_adapter(model, recipe.method, context)
-    method = load_implementation(recipe.method.name)
-    if training.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    trainable = info.trainable_count(model)
-    total_params = sum(parameter_count(p) for p in model.parameters())
-
-    method_groups = method.optimizer_groups(model, recipe.method) if hasattr(method, "optimizer_groups") else None
-    optimizer = build_optimizer(model, training, method_groups)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
-    if eval_loader is not None:
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    else:
-        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    install_adapter_only_hooks(accelerator)
-    unwrapped = unwrap_model(accelerator, model)
-    micro_per_epoch = len(train_loader)
-    extra_loss = getattr(method, "extra_loss", None)
-    after_optimizer_step = getattr(method, "after_optimizer_step", None)
-
-    state = LoopState()
-    metrics_path = out_dir / METRICS_FILE
-    if mode == "resume":
-        _, ckpt = list_checkpoints(out_dir)[-1]
-        with fsdp_adapter_checkpoints(engine.kind == "fsdp"):
-            accelerator.load_state(str(ckpt), **({"load_module_strict": False} if deepspeed else {}))
-        state = LoopState(**read_trainer_state(ckpt))
-        if main:  # forget what the interrupted run logged after its last checkpoint
-            kept = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= state.step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        reporter.message(f"resuming from {ckpt} (step {state.step} of {total_steps})")
-        changed = _changed_keys(out_dir / RECIPE_FILE, recipe)
-        if changed:
-            reporter.message(f"note: the recipe differs from the run's {RECIPE_FILE} in {', '.join(changed)}")
-    elif main:
-        if mode == "overwrite":
-            clear_run_dir(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    accelerator.wait_for_everyone()
-
-    prompts: list[list[int]] = []
-    gen = training.eval_generation
-    if gen is not None and data.validation is not None:
-        shown = range(min(gen.prompts, len(data.validation)))
-        if task == "seq2seq":  # the whole encoder input is the prompt
-            prompts = [list(data.validation[i]["input_ids"]) for i in shown]
+    window = [next(stream) for _ in range(accumulation)]
+    _reseed(training.seed, run.state.step, accelerator.process_index, run.world)
+    local = [
+        sum(run.objective.label_count(b) for _, b in window),
+        sum(int(b["attention_mask"].sum()) for _, b in window),
+    ]
+    counts = accelerator.reduce(torch.tensor(local, device=accelerator.device, dtype=torch.float64), "sum")
+    labels = max(1.0, float(counts[0]))
+    rates = run.schedule.apply(run.optimizer, run.state.step)  # before the backward: DeepSpeed steps in the last
+    extra_loss = getattr(run.method, "extra_loss", None)
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for index, (_, batch) in enumerate(window):
+        if run.deepspeed:  # the engine counts micro-steps itself and divides each loss by their number
+            context, engine_scale = accelerator.accumulate(model), accumulation
         else:
-            prompts = [prompt_ids(data.validation[i]) for i in shown]
+            last = index == accumulation - 1
+            context, engine_scale = nullcontext() if last else accelerator.no_sync(model), 1
+        with context:
+            summed = run.objective.loss_sum(model, batch)
+            loss = summed * run.world * engine_scale / labels
+            penalty = extra_loss(run.unwrapped) if extra_loss is not None else None
+            if penalty is not None:  # a per-step regulariser (AdaLoRA), spread over the window
+                loss = loss + penalty / accumulation
+            accelerator.backward(loss)
+        loss_sum += summed.detach().double()
+    grad_norm = None
+    if training.max_grad_norm is not None:  # DeepSpeed: its engine's norm
+        norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], training.max_grad_norm)
+        grad_norm = None if norm is None else float(norm)
+    run.optimizer.step()
+    if hasattr(run.method, "after_optimizer_step"):  # reads the gradients, so before they are cleared
+        run.method.after_optimizer_step(run.unwrapped, run.state.step)
+    run.optimizer.zero_grad(set_to_none=True)
 
-    def run_generation(step: int) -> dict | None:
-        if not prompts:
-            return None
-        result = None
-        if main or engine.shards_parameters:  # sharded weights: every process takes part in each forward
-            with accelerator.autocast():
-                result, answers = generation_score(unwrapped, tokenizer, prompts, gen.max_new_tokens, gen.pattern)
-        if main:
-            result["step"] = step
-            _append_jsonl(metrics_path, {"type": "generation", **result})
-            for prompt, answer in zip(prompts, answers, strict=True):
-                _append_jsonl(
-                    out_dir / SAMPLES_FILE,
-                    {"step": step, "prompt": tokenizer.decode(prompt), "answer": answer},
-                )
-            reporter.evaluation(result)
-        accelerator.wait_for_everyone()
-        return result
+    value = float(accelerator.reduce(loss_sum, "sum")) / labels
+    state = run.state
+    state.step += 1
+    state.micro_batches += accumulation
+    state.tokens += int(counts[1])
+    state.label_tokens += int(counts[0])
+    state.elapsed = time.perf_counter() - started
+    if not math.isfinite(value):
+        raise RuntimeError(f"loss became {value} at step {state.step}; lower training.learning_rate")
+    return {
+        "type": "train",
+        "step": state.step,
+        "epoch": round(state.micro_batches / run.micro_per_epoch, 4),
+        "loss": value,
+        **rates,
+        "grad_norm": grad_norm,
+        "tokens_per_s": int(counts[1]) / max(1e-9, time.perf_counter() - step_start),
+        "tokens": state.tokens,
+        "elapsed_s": round(state.elapsed, 3),
+        "epoch_index": window[-1][0],
+    }
 
-    def run_eval(step: int) -> dict | None:
-        if eval_loader is None:
-            return None
-        result = evaluate_loss(model, eval_loader, accelerator, task, unwrapped.config)
-        result["step"] = step
-        if main:
-            _append_jsonl(metrics_path, {"type": "eval", **result})
-        reporter.evaluation(result)
-        return result
 
-    effective_batch = training.batch_size * accumulation * world
-    reporter.start(
-        {
-            "total_steps": total_steps,
-            "start_step": state.step,
-            "micro_batches_per_epoch": micro_per_epoch,
-            "effective_batch_size": effective_batch,
-            "batch_size": training.batch_size,
-            "accumulation": accumulation,
-            "world_size": world,
-            "engine": engine.describe(),
-            "train_examples": len(data.train),
-            "validation_examples": 0 if data.validation is None else len(data.validation),
-            "trainable_params": trainable,
-            "total_params": total_params,
-            "targeted_modules": len(info.targeted),
-            "targeted_parameters": len(info.targeted_parameters),
-            "precision": accelerator.mixed_precision,
-            "quantization": describe_quantization(unwrapped),
-            "optimizer": training.optimizer,
-            "task": task,
-            "label_names": label_names,
-            "device": str(accelerator.device),
-            "data_stats": {k: vars(v) for k, v in data.stats.items()},
-            "notes": _notes(unwrapped, info),
-        }
-    )
+def save_checkpoint(run: Run) -> None:
+    """What a resume needs: the adapter, optimizer and data position; older checkpoints pruned."""
+    ckpt = checkpoint_path(run.out_dir, run.state.step)
+    # DeepSpeed writes its engine's checkpoint; without the frozen base it is the adapter's size
+    with fsdp_adapter_checkpoints(run.engine.kind == "fsdp"):  # FSDP2: the adapter's shards, not the base's
+        run.accelerator.save_state(str(ckpt), **({"exclude_frozen_parameters": True} if run.deepspeed else {}))
+    if run.main:
+        write_trainer_state(ckpt, vars(run.state))
+        prune_checkpoints(run.out_dir, run.recipe.training.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
 
-    if mode != "resume" and training.eval_at_start:
-        run_eval(0)
-        run_generation(0)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    stream = _micro_batch_stream(accelerator, train_loader, state.micro_batches)
-    model.train()
-    started = time.perf_counter() - state.elapsed
-    while state.step < total_steps:
-        step_start = time.perf_counter()
-        window = [next(stream) for _ in range(accumulation)]
-        epoch = window[-1][0]
-        _reseed(training.seed, state.step, accelerator.process_index, world)
-        local_labels = sum(label_count(b, task) for _, b in window)
-        local_tokens = sum(int(b["attention_mask"].sum()) for _, b in window)
-        counts = accelerator.reduce(
-            torch.tensor([local_labels, local_tokens], device=accelerator.device, dtype=torch.float64), "sum"
-        )
-        global_labels = max(1.0, float(counts[0]))
-        loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        factor = lr_factor(state.step, total_steps, warm, training.schedule)
-        for group in optimizer.param_groups:  # before the backward passes: DeepSpeed steps inside the last one
-            group["lr"] = group["peak_lr"] * factor
-        for index, (_, batch) in enumerate(window):
-            # Sum the token losses of the whole window, divide once by its global token count: every token
-            # weighs the same whatever the padding, accumulation or number of processes.
-            sync = index == accumulation - 1
-            if deepspeed:  # the engine counts micro-steps itself and divides each loss by their number
-                context, engine_scale = accelerator.accumulate(model), accumulation
+# --- evaluation and the end of the run --------------------------------------------------------------------------
+
+
+class Evaluation:
+    """Validation loss (and accuracy) and sampled generations, logged to the run directory."""
+
+    def __init__(self, run: Run, reporter: Reporter):
+        self.run, self.reporter = run, reporter
+        self.prompts: list[list[int]] = []
+        gen, validation = run.recipe.training.eval_generation, run.data.validation
+        if gen is not None and validation is not None:
+            shown = range(min(gen.prompts, len(validation)))
+            if run.recipe.model.task == "seq2seq":  # the whole encoder input is the prompt
+                self.prompts = [list(validation[i]["input_ids"]) for i in shown]
             else:
-                context, engine_scale = nullcontext() if sync else accelerator.no_sync(model), 1
-            with context:
-                logits = forward_logits(model, batch, task, unwrapped.config)
-                sums, _ = batch_loss_sums(logits, batch, task)
-                objective = sums.sum() * world * engine_scale / global_labels
-                penalty = extra_loss(unwrapped) if extra_loss is not None else None
-                if penalty is not None:  # a per-step regulariser (AdaLoRA), spread over the window
-                    objective = objective + penalty / accumulation
-                accelerator.backward(objective)
-            loss_sum += sums.sum().detach().double()
-        grad_norm = None
-        if training.max_grad_norm is not None:
-            norm = accelerator.clip_grad_norm_(params, training.max_grad_norm)  # DeepSpeed: its engine's norm
-            grad_norm = None if norm is None else float(norm)
-        optimizer.step()
-        if after_optimizer_step is not None:  # reads the gradients, so before they are cleared
-            after_optimizer_step(unwrapped, state.step)
-        optimizer.zero_grad(set_to_none=True)
+                self.prompts = [prompt_ids(validation[i]) for i in shown]
 
-        loss = float(accelerator.reduce(loss_sum, "sum")) / global_labels
-        state.step += 1
-        state.micro_batches += accumulation
-        state.tokens += int(counts[1])
-        state.label_tokens += int(counts[0])
-        state.elapsed = time.perf_counter() - started
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {state.step}; lower training.learning_rate")
-        if state.step % training.log_every == 0 or state.step == total_steps:
-            record = {
-                "type": "train",
-                "step": state.step,
-                "epoch": round(state.micro_batches / micro_per_epoch, 4),
-                "loss": loss,
-                "lr": training.learning_rate * factor,
-                "grad_norm": grad_norm,
-                "tokens_per_s": int(counts[1]) / max(1e-9, time.perf_counter() - step_start),
-                "tokens": state.tokens,
-                "elapsed_s": round(state.elapsed, 3),
-                "epoch_index": epoch,
-            }
-            if main:
-                _append_jsonl(metrics_path, record)
-            reporter.step({**record, "total_steps": total_steps})
-        if training.eval_every and state.step % training.eval_every == 0 and state.step < total_steps:
-            run_eval(state.step)
-        if training.save_every and state.step % training.save_every == 0 and state.step < total_steps:
-            ckpt = checkpoint_path(out_dir, state.step)
-            # DeepSpeed writes its engine's checkpoint; without the frozen base it is the adapter's size
-            with fsdp_adapter_checkpoints(engine.kind == "fsdp"):  # FSDP2: the adapter's shards, not the base's
-                accelerator.save_state(str(ckpt), **({"exclude_frozen_parameters": True} if deepspeed else {}))
-            if main:
-                write_trainer_state(ckpt, vars(state))
-                prune_checkpoints(out_dir, training.keep_checkpoints)
-            accelerator.wait_for_everyone()
+    def loss(self, step: int) -> None:
+        run = self.run
+        if run.eval_loader is None:
+            return
+        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.recipe.model.task, run.unwrapped.config)
+        result["step"] = step
+        if run.main:
+            append_jsonl(run.out_dir / METRICS_FILE, {"type": "eval", **result})
+        self.reporter.evaluation(result)
 
-    run_eval(state.step)
-    run_generation(state.step)
+    def generations(self, step: int) -> None:
+        run, gen = self.run, self.run.recipe.training.eval_generation
+        if not self.prompts:
+            return
+        if run.main or run.engine.shards_parameters:  # sharded weights: every process takes part in each forward
+            with run.accelerator.autocast():
+                result, answers = generation_score(
+                    run.unwrapped, run.tokenizer, self.prompts, gen.max_new_tokens, gen.pattern
+                )
+        if run.main:
+            result["step"] = step
+            append_jsonl(run.out_dir / METRICS_FILE, {"type": "generation", **result})
+            for prompt, answer in zip(self.prompts, answers, strict=True):
+                record = {"step": step, "prompt": run.tokenizer.decode(prompt), "answer": answer}
+                append_jsonl(run.out_dir / SAMPLES_FILE, record)
+            self.reporter.evaluation(result)
+        run.accelerator.wait_for_everyone()
+
+
+def finish(run: Run, reporter: Reporter) -> dict:
+    """Save the adapter, tokenizer and summary (main process), and end the run on every process."""
+    from peftcli.train.distributed import full_state_dict, gathered
+
     summary = None
-    state_dict = full_state_dict(accelerator, model, engine)  # FSDP2: gathered on the main process
-    with gathered(unwrapped, engine):  # ZeRO-3: every process takes part in gathering the adapter
-        if main:
-            save_adapter(unwrapped, out_dir, recipe.model.name_or_path, state_dict=state_dict)
-    if main:
-        tokenizer.save_pretrained(out_dir)
-        summary = _summary(recipe, out_dir, state, total_steps, micro_per_epoch, trainable, total_params, world)
-        summary["effective_batch_size"] = effective_batch
-        summary["engine"] = engine.describe()
-        summary["quantization"] = describe_quantization(unwrapped)
-        summary["optimizer"] = training.optimizer
-        summary["task"] = task
-        summary["label_names"] = label_names
-        summary["majority_class_rate"] = majority_class_rate(data.validation, task)
-        summary["output_dir"] = str(out_dir)
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    state_dict = full_state_dict(run.accelerator, run.model, run.engine)  # FSDP2: gathered on the main process
+    with gathered(run.unwrapped, run.engine):  # ZeRO-3: every process takes part in gathering the adapter
+        if run.main:
+            save_adapter(run.unwrapped, run.out_dir, run.recipe.model.name_or_path, state_dict=state_dict)
+    if run.main:
+        run.tokenizer.save_pretrained(run.out_dir)
+        summary = _summary(run)
+        write_summary(run.out_dir, summary)
         reporter.finish(summary)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     return summary or {}
 
 
-def _summary(recipe, out_dir, state, total_steps, micro_per_epoch, trainable, total_params, world) -> dict:
-    records = _read_jsonl(out_dir / METRICS_FILE)
+def _summary(run: Run) -> dict:
+    records = read_jsonl(run.out_dir / METRICS_FILE)
     evals = [r for r in records if r["type"] == "eval"]
     gens = [r for r in records if r["type"] == "generation"]
     losses = [r["loss"] for r in records if r["type"] == "train"]
-    tail = losses[-10:]
+    tail, state, facts = losses[-10:], run.state, run.facts
+    kept = ("total_steps", "effective_batch_size", "engine", "quantization", "optimizer", "task", "label_names")
     return {
-        "method": recipe.method.name,
-        "base_model": recipe.model.name_or_path,
+        "method": run.recipe.method.name,
+        "base_model": run.recipe.model.name_or_path,
         "steps": state.step,
-        "total_steps": total_steps,
-        "epochs": round(state.micro_batches / micro_per_epoch, 4),
+        "epochs": round(state.micro_batches / run.micro_per_epoch, 4),
         "train_tokens": state.tokens,
         "train_label_tokens": state.label_tokens,
         "first_train_loss": losses[0] if losses else None,
@@ -458,12 +543,15 @@ def _summary(recipe, out_dir, state, total_steps, micro_per_epoch, trainable, to
         "eval_after": evals[-1] if evals else None,
         "generation_before": gens[0] if gens and gens[0]["step"] == 0 else None,
         "generation_after": gens[-1] if gens else None,
-        "trainable_params": trainable,
-        "total_params": total_params,
-        "trainable_share": trainable / max(1, total_params),
+        "trainable_params": facts["trainable_params"],
+        "total_params": facts["total_params"],
+        "trainable_share": facts["trainable_params"] / max(1, facts["total_params"]),
         "time_s": round(state.elapsed, 2),
         "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1),
-        "world_size": world,
+        "world_size": run.world,
+        **{key: facts[key] for key in kept},
+        "majority_class_rate": majority_class_rate(run.data.validation, run.recipe.model.task),
+        "output_dir": str(run.out_dir),
         "versions": {
             "peftcli": peftcli.__version__,
             "torch": torch.__version__,

@@ -17,12 +17,16 @@ def build_optimizer(
     decay on vectors (biases, norms, scales).
 
     `method_groups` (from a method's `optimizer_groups`, e.g. LoRA+) give some parameters their own learning
-    rate, `lr_scale` times the recipe's; every other trainable parameter gets the recipe's rate.
+    rate, `lr_scale` times the recipe's; every other trainable parameter gets the recipe's rate. Each group
+    keeps its `peak_lr` and the `name` of its method group for `LearningRateSchedule`.
     """
     scale_of: dict[int, float] = {}
+    name_of: dict[float, str] = {1.0: ""}
     for group in method_groups or []:
+        scale = float(group.get("lr_scale", 1.0))
+        name_of.setdefault(scale, str(group.get("name", f"x{scale:g}")))
         for param in group["params"]:
-            scale_of[id(param)] = float(group.get("lr_scale", 1.0))
+            scale_of[id(param)] = scale
     buckets: dict[tuple[float, bool], list] = {}
     for param in model.parameters():
         if param.requires_grad:
@@ -32,6 +36,8 @@ def build_optimizer(
         {
             "params": params,
             "lr": training.learning_rate * scale,
+            "peak_lr": training.learning_rate * scale,
+            "name": name_of[scale],
             "weight_decay": training.weight_decay if decays else 0.0,
         }
         for (scale, decays), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
@@ -51,6 +57,29 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
         "paged_adamw": bnb.optim.PagedAdamW,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
     }[name]
+
+
+class LearningRateSchedule:
+    """Warm-up, then constant, linear or cosine decay: the one place the optimizer's rates are set."""
+
+    def __init__(self, training: TrainingSection, total_steps: int):
+        self.total_steps = total_steps
+        self.warmup = warmup_steps(training, total_steps)
+        self.shape = training.schedule
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak rates before optimizer step `step` (0-based)."""
+        return lr_factor(step, self.total_steps, self.warmup, self.shape)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        """Set every group's rate for optimizer step `step`; returns what to log: `lr`, the recipe's rate, and
+        `lr_<name>` for each method group with a rate of its own (LoRA+'s B matrices)."""
+        factor = self.factor(step)
+        rates: dict[str, float] = {}
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+            rates.setdefault(f"lr_{group['name']}" if group.get("name") else "lr", group["lr"])
+        return rates
 
 
 def warmup_steps(training: TrainingSection, total_steps: int) -> int:

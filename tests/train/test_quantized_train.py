@@ -12,7 +12,7 @@ from peftcli.models.hardware import cpu_has_native_bf16
 from peftcli.models.load import default_device, load_base_model
 from peftcli.recipe.load import load_recipe
 from peftcli.train.loop import train
-from peftcli.train.output_dir import list_checkpoints
+from peftcli.train.run_dir import list_checkpoints
 from peftcli.tuners.adapter import load_adapter
 
 from support import make_recipe, run_cli, without_cpu_repacking, write_recipe
