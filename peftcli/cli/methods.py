@@ -84,7 +84,7 @@ def methods(
                 row.append(f"{fraction:.3%}")
             except PeftCliError:  # e.g. BitFit: the reference Llama has no biases
                 row.append("n/a")
-                notes.append(f"{spec.name}: n/a, needs {spec.extra.get('model_requirement', 'another model')}")
+                notes.append(f"{spec.name}: n/a, needs {spec.model_requirement or 'another model'}")
         table.add_row(*row)
     console.print(table)
     if share:
@@ -106,8 +106,8 @@ def _describe(console, spec, share: bool) -> None:
         f"quantized base {_yes(caps.quantized_base)}; ZeRO-3/FSDP {_yes(caps.zero3_safe)}; "
         f"adapter format {'HF PEFT ' + spec.peft_type if spec.in_hf_peft else 'peftcli ' + spec.peft_type}"
     )
-    if not caps.mergeable and spec.extra.get("merge_refusal"):
-        console.print(f"not mergeable: {escape(spec.extra['merge_refusal'])}")
+    if not caps.mergeable and spec.merge_refusal:
+        console.print(f"not mergeable: {escape(spec.merge_refusal)}")
     if share:
         from peftcli.errors import PeftCliError
 
@@ -115,7 +115,7 @@ def _describe(console, spec, share: bool) -> None:
             count, fraction = trainable_share(spec.name)
             console.print(f"defaults train {count:,} parameters ({fraction:.3%} of {REFERENCE_MODEL})")
         except PeftCliError:
-            console.print(f"needs {escape(spec.extra.get('model_requirement', 'another model'))}")
+            console.print(f"needs {escape(spec.model_requirement or 'another model')}")
     table = Table("option", "default", "description", box=None)
     for field_name, field in spec.params.model_fields.items():
         if field_name == "name":

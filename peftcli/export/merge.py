@@ -39,7 +39,7 @@ from peftcli.tuners.adapter import (
     read_adapter_config,
 )
 from peftcli.tuners.inject import unwrapped_name
-from peftcli.tuners.protocol import AdapterContext
+from peftcli.tuners.protocol import AdapterContext, AdapterLayer
 from peftcli.tuners.registry import get_tuner
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -175,8 +175,8 @@ def _untie(plan: _Plan, model: nn.Module, keys: dict) -> dict:
 
 
 def _is_wrapper(module: nn.Module) -> bool:
-    """An adapter layer the merge folds: it has a `base_layer` module and a `merge()`."""
-    return isinstance(getattr(module, "base_layer", None), nn.Module) and callable(getattr(module, "merge", None))
+    """An adapter layer the merge folds (see tuners/protocol.py: AdapterLayer)."""
+    return isinstance(module, AdapterLayer)
 
 
 def _wrapper_chain(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
@@ -288,20 +288,16 @@ def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Te
         param.data = tensor.to(torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
     for wrapper in chain:
         # Each name of a tied pair is merged into a copy of its own (see _untie), so the partner is unaffected.
-        sharers = getattr(wrapper, "shares_weight_with", ())
-        if sharers:
-            wrapper.shares_weight_with = ()
+        sharers, wrapper.shares_weight_with = wrapper.shares_weight_with, ()
         wrapper.merge()
-        if sharers:
-            wrapper.shares_weight_with = sharers
+        wrapper.shares_weight_with = sharers
     merged = {
         f"{prefix}.{leaf}": param.data.t() if transposed and leaf == "weight" else param.data
         for leaf, param in params.items()
     }
     for wrapper in chain:
         wrapper.merged = False  # the placeholders go back; the layer is not reused
-        if hasattr(wrapper, "_original"):
-            wrapper._original = None  # copies some layers keep for an exact unmerge
+        wrapper.forget_unmerge_state()
     for param in params.values():
         param.data = _placeholder(param.data)
     return merged

@@ -362,7 +362,7 @@ def quantized_refusal(spec) -> str:
     """Why a method cannot train on a quantized base."""
     if spec.capabilities.kind == "trains_base":
         return "it trains base weights, which bitsandbytes stores as frozen integer blocks"
-    return spec.extra.get("quantized_refusal", "its layers need the base weights in floating point")
+    return "its layers need the base weights in floating point"
 
 
 class Recipe(StrictModel):
@@ -427,7 +427,7 @@ class Recipe(StrictModel):
                 f"model.quantization: method {spec.name} cannot train on a quantized base "
                 f"({quantized_refusal(spec)}); drop model.quantization or use one of {able}"
             )
-        check = spec.extra.get("quantized_check")
+        check = spec.quantized_check
         problem = check(self.method) if self.model.quantization is not None and check else None
         if problem:
             raise ValueError(problem)
@@ -448,16 +448,16 @@ class Recipe(StrictModel):
             able = ", ".join(n for n, other in all_tuners().items() if other.capabilities.zero3_safe)
             raise ValueError(
                 f"launch.preset: method {spec.name} is not safe when parameters are sharded ({engine.describe()}): "
-                f"{spec.extra.get('sharded_refusal', 'it reads whole base tensors outside the forward pass')}; "
+                f"{spec.sharded_refusal or 'it reads whole base tensors outside the forward pass'}; "
                 f"use ddp, zero1 or zero2, or one of {able}"
             )
-        check = spec.extra.get("sharded_check")
-        problem = check(self.method, engine) if check else None
+        problem = spec.sharded_check(self.method, engine) if spec.sharded_check else None
         if problem:
             raise ValueError(problem)
-        if engine.kind == "deepspeed" and spec.extra.get("deepspeed_refusal"):
-            raise ValueError(f"launch.preset: method {spec.name} cannot train under DeepSpeed: "
-                             f"{spec.extra['deepspeed_refusal']}; use ddp")  # fmt: skip
+        if engine.kind == "deepspeed" and spec.deepspeed_refusal:
+            raise ValueError(
+                f"launch.preset: method {spec.name} cannot train under DeepSpeed: {spec.deepspeed_refusal}; use ddp"
+            )
         quant = self.model.quantization
         if quant is not None and engine.zero_stage == 3:
             raise ValueError(

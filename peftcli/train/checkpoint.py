@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from peftcli.errors import AdapterError
 from peftcli.train.distributed import unwrap_model
 from peftcli.tuners.adapter import adapter_info
-from peftcli.tuners.registry import load_implementation
 
 METHOD_STATE = "method_state.safetensors"  # a method's own training state (AdaLoRA's importance estimates)
 
@@ -37,9 +36,9 @@ def install_adapter_only_hooks(accelerator) -> None:
             named = dict(unwrapped.named_parameters())
             info = adapter_info(unwrapped)
             weights[index] = {n: named[n].detach().cpu().contiguous() for n in info.param_names}
-            method_state = getattr(load_implementation(info.method), "training_state", None)
-            if method_state is not None and index == 0:
-                tensors = {k: v.contiguous() for k, v in method_state(unwrapped).items()}
+            method_state = info.implementation.training_state(unwrapped, info.params)
+            if method_state and index == 0:
+                tensors = {k: v.contiguous() for k, v in method_state.items()}
                 save_file(tensors, str(Path(output_dir) / METHOD_STATE))
 
     def load_hook(models, input_dir):
@@ -54,10 +53,10 @@ def install_adapter_only_hooks(accelerator) -> None:
             with torch.no_grad():
                 for name in expected:
                     named[name].copy_(tensors[name].to(named[name].device, named[name].dtype))
-            restore = getattr(load_implementation(adapter_info(unwrapped).method), "load_training_state", None)
+            info = adapter_info(unwrapped)
             state_file = Path(input_dir) / METHOD_STATE
-            if restore is not None and index == 0 and state_file.is_file():
-                restore(unwrapped, load_file(str(state_file)))
+            if index == 0 and state_file.is_file():
+                info.implementation.load_training_state(unwrapped, info.params, load_file(str(state_file)))
         models.clear()  # loaded: accelerate must not load a (partial) state dict on top
 
     accelerator.register_save_state_pre_hook(save_hook)

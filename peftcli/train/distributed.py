@@ -19,7 +19,7 @@ def starts_from_base_weights(method) -> bool:
     """Whether the method reads whole base weights while it is applied (PiSSA/OLoRA inits, for instance)."""
     from peftcli.tuners.registry import get_tuner
 
-    check = get_tuner(method.name).extra.get("starts_from_base_weights")
+    check = get_tuner(method.name).starts_from_base_weights
     return bool(check and check(method))
 
 

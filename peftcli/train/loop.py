@@ -53,7 +53,6 @@ from peftcli.train.run_dir import (
 )
 from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
-from peftcli.tuners.registry import load_implementation
 
 
 class Reporter(Protocol):
@@ -117,7 +116,6 @@ class Run:
     model: Any  # as accelerate prepared it
     unwrapped: Any  # the model itself, with its adapter
     info: AdapterInfo
-    method: Any  # the method's torch side (tuners/protocol.py)
     objective: Objective
     optimizer: Any
     schedule: LearningRateSchedule
@@ -186,9 +184,7 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     tokenizer, data, train_loader, eval_loader = _data(recipe, accelerator, reporter)
     total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
     model, info = _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data, total_steps, reporter)
-    method = load_implementation(recipe.method.name)
-    groups = method.optimizer_groups(model, recipe.method) if hasattr(method, "optimizer_groups") else None
-    optimizer = build_optimizer(model, recipe.training, groups)
+    optimizer = build_optimizer(model, recipe.training, info.implementation.optimizer_groups(model, recipe.method))
     loaders = (train_loader, eval_loader) if eval_loader is not None else (train_loader,)
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     install_adapter_only_hooks(accelerator)
@@ -206,7 +202,6 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
         model=model,
         unwrapped=unwrapped,
         info=info,
-        method=method,
         objective=TaskObjective(recipe.model.task, unwrapped.config),
         optimizer=optimizer,
         schedule=LearningRateSchedule(recipe.training, total_steps),
@@ -398,7 +393,7 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
     counts = accelerator.reduce(torch.tensor(local, device=accelerator.device, dtype=torch.float64), "sum")
     labels = max(1.0, float(counts[0]))
     rates = run.schedule.apply(run.optimizer, run.state.step)  # before the backward: DeepSpeed steps in the last
-    extra_loss = getattr(run.method, "extra_loss", None)
+    method, params = run.info.implementation, run.info.params
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     for index, (_, batch) in enumerate(window):
         if run.deepspeed:  # the engine counts micro-steps itself and divides each loss by their number
@@ -409,7 +404,7 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
         with context:
             summed = run.objective.loss_sum(model, batch)
             loss = summed * run.world * engine_scale / labels
-            penalty = extra_loss(run.unwrapped) if extra_loss is not None else None
+            penalty = method.extra_loss(run.unwrapped, params)
             if penalty is not None:  # a per-step regulariser (AdaLoRA), spread over the window
                 loss = loss + penalty / accumulation
             accelerator.backward(loss)
@@ -419,8 +414,7 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
         norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], training.max_grad_norm)
         grad_norm = None if norm is None else float(norm)
     run.optimizer.step()
-    if hasattr(run.method, "after_optimizer_step"):  # reads the gradients, so before they are cleared
-        run.method.after_optimizer_step(run.unwrapped, run.state.step)
+    method.after_optimizer_step(run.unwrapped, params, run.state.step)  # reads gradients: before clearing
     run.optimizer.zero_grad(set_to_none=True)
 
     value = float(accelerator.reduce(loss_sum, "sum")) / labels

@@ -19,15 +19,10 @@ import peftcli
 from peftcli.errors import AdapterError
 from peftcli.models.heads import TASK_HEAD_NAMES, task_head_names
 from peftcli.models.quantized_layers import is_quantized, quantized_kind, quantized_layer_names
+from peftcli.tuners.hf_format import CONFIG_NAME, HF_KEY_PREFIX, HF_TASK_TYPES, TASKS_BY_HF_TYPE, WEIGHTS_NAME
 from peftcli.tuners.inject import freeze, is_base_parameter, unfreeze_modules_to_save
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
-
-HF_KEY_PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-HF_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
-TASKS_BY_HF_TYPE = {v: k for k, v in HF_TASK_TYPES.items()}
 
 
 @dataclass
@@ -42,6 +37,7 @@ class AdapterInfo:
     head_modules: tuple[str, ...] = ()  # task heads and modules_to_save, trained in full
     config_extra: dict | None = None
     targeted_parameters: tuple[str, ...] = ()  # parameters adapted directly (fused MoE experts)
+    implementation: MethodImplementation | None = None  # the method's torch side, hooks called plainly
 
     def trainable_count(self, model: nn.Module) -> int:
         named = dict(model.named_parameters())
@@ -93,6 +89,7 @@ def apply_adapter(model: nn.Module, params: BaseModel, context: AdapterContext |
         tuple(to_save),
         dict(applied.config_extra),
         tuple(applied.targeted_parameters),
+        implementation,
     )
     model.peftcli_adapter = info
     return info
@@ -131,10 +128,7 @@ def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict
                 "or FSDP), not the full tensor; it must be gathered before saving"
             )
         named[name] = tensor.detach().to("cpu").contiguous()
-    custom = getattr(load_implementation(info.method), "adapter_tensors", None)
-    if custom is not None:
-        return custom(model, named)
-    return {HF_KEY_PREFIX + name: tensor for name, tensor in named.items()}
+    return info.implementation.adapter_tensors(model, info.params, named)
 
 
 def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
@@ -146,9 +140,7 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
     if info.targeted_parameters:
         config["target_parameters"] = sorted(info.targeted_parameters)
         config["target_modules"] = config.get("target_modules") or None  # HF PEFT's form for "parameters only"
-    updates = getattr(load_implementation(info.method), "config_updates", None)
-    if updates is not None:
-        config.update(updates(model))
+    config.update(info.implementation.config_updates(model, info.params))
     if info.head_modules:
         config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(info.head_modules))
     if "fan_in_fan_out" in config and any(_stored_transposed(model, name) for name in info.targeted):
@@ -232,9 +224,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
     """Copy on-disk adapter tensors into the model; missing, unexpected or mis-shaped keys are errors."""
     info = adapter_info(model)
     named = dict(model.named_parameters())
-    custom = getattr(load_implementation(info.method), "load_tensors", None)
-    if custom is not None:
-        tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in custom(model, tensors).items()}
+    by_name = info.implementation.load_tensors(model, info.params, tensors)
+    tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in by_name.items()}
     expected = {HF_KEY_PREFIX + n: n for n in info.param_names}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -259,7 +250,7 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 def merge_refusal(method: str) -> str:
     """Why a method cannot be merged into the base weights, and what to do instead."""
     spec = get_tuner(method)
-    reason = spec.extra.get("merge_refusal") or f"{method} does not change the base weights in a way that folds in"
+    reason = spec.merge_refusal or f"{method} does not change the base weights in a way that folds in"
     return f"method {method} cannot be merged: {reason}"
 
 
@@ -282,7 +273,7 @@ def merge_adapter(model: nn.Module) -> None:
             "update into integer blocks would round most of it away; merge into the unquantized base with "
             "`peft merge` instead"
         )
-    load_implementation(info.method).merge_all(model)
+    info.implementation.merge_all(model, info.params)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -290,4 +281,4 @@ def unmerge_adapter(model: nn.Module) -> None:
     info = adapter_info(model)
     spec = get_tuner(info.method)
     if spec.capabilities.mergeable and spec.capabilities.kind != "trains_base":
-        load_implementation(info.method).unmerge_all(model)
+        info.implementation.unmerge_all(model, info.params)

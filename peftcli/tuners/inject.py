@@ -7,6 +7,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.models.heads import output_head_names, task_head_names
 from peftcli.models.quantized_layers import is_quantized
+from peftcli.tuners.protocol import AdapterLayer
 from peftcli.tuners.targets import ALL_LINEAR, select_targets, short_names, unmatched_entries
 
 LAYER_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
@@ -180,7 +181,7 @@ def _untie_from_the_rest(model: nn.Module, matched: list[str]) -> None:
                 owner._parameters[leaf] = nn.Parameter(param.detach().clone(), requires_grad=False)
 
 
-class WrappedLinear(nn.Module):
+class WrappedLinear(AdapterLayer):
     """A frozen base linear layer wrapped by a method's layer: the base's sizes and weight, as callers expect."""
 
     def __init__(self, base_layer: nn.Linear):

@@ -21,6 +21,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.inject import find_targets, replace_module
+from peftcli.tuners.protocol import AdapterLayer
 
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 
@@ -42,7 +43,7 @@ def tucker_rebuild(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torc
     return torch.einsum("abhw,ao,bi->oihw", core, out_factor, in_factor)
 
 
-class LycorisLayer(nn.Module):
+class LycorisLayer(AdapterLayer):
     """A frozen Linear/Conv1d/Conv2d plus ΔW·x, ΔW = build_delta() reshaped to the base weight's shape."""
 
     def __init__(
@@ -170,10 +171,3 @@ def wrap_targets(model: nn.Module, params, method: str, make_layer) -> list[str]
         alpha = pattern_value(params.alpha_pattern, name, params.alpha)
         replace_module(model, name, make_layer(base, r, alpha))
     return targets
-
-
-def merge_layers(model: nn.Module, layer_cls: type[LycorisLayer], merge: bool) -> None:
-    """Merge (or unmerge) every `layer_cls` layer of the model in place."""
-    for module in model.modules():
-        if isinstance(module, layer_cls):
-            module.merge() if merge else module.unmerge()

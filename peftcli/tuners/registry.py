@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -52,7 +52,20 @@ class TunerSpec:
     in_hf_peft: bool = False
     to_hf_config: Callable[[Any, list[str]], dict] | None = None
     from_hf_config: Callable[[dict], Any] | None = None
-    extra: dict = field(default_factory=dict)
+    # Why the method cannot be merged, and what to do instead (methods that are not mergeable).
+    merge_refusal: str | None = None
+    # Why it is unsafe when parameters are sharded (ZeRO-3, FSDP), for methods not zero3_safe.
+    sharded_refusal: str | None = None
+    # Why it cannot train under DeepSpeed at all (any stage).
+    deepspeed_refusal: str | None = None
+    # What a model must have for the method to find anything (BitFit: biases), for `peft methods`.
+    model_requirement: str | None = None
+    # Checks of the method's params against the rest of the recipe: a refusal naming the key, or None.
+    quantized_check: Callable[[Any], str | None] | None = None  # params, on a quantized base
+    sharded_check: Callable[[Any, Any], str | None] | None = None  # params, engine (launch.presets.Engine)
+    # Whether, with these params, the method starts from the whole base weights (PiSSA): ZeRO-3 then builds
+    # the base whole in each process instead of partitioned.
+    starts_from_base_weights: Callable[[Any], bool] | None = None
 
     def __post_init__(self):
         if not self.peft_type:
@@ -131,5 +144,5 @@ def tuner_for_peft_type(peft_type: str) -> TunerSpec | None:
 
 
 def load_implementation(name: str):
-    """Import the torch side of a method."""
-    return importlib.import_module(get_tuner(name).implementation)
+    """The torch side of a method: the `METHOD` its layers module declares (a MethodImplementation)."""
+    return importlib.import_module(get_tuner(name).implementation).METHOD

@@ -16,7 +16,7 @@ def test_methods_table_lists_every_registered_method_with_its_share():
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     for name, spec in all_tuners().items():
         assert name in rows, f"{name} missing from the table"
-        if "model_requirement" in spec.extra:  # cannot apply to the reference Llama (BitFit: no biases)
+        if spec.model_requirement:  # cannot apply to the reference Llama (BitFit: no biases)
             assert rows[name].rstrip().endswith("n/a")
             assert f"{name}: n/a, needs" in result.stdout
             continue

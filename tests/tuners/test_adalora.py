@@ -15,6 +15,7 @@ from peftcli.tuners.adalora.spec import AdaLoraParams
 from peftcli.tuners.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    adapter_info,
     apply_adapter,
     hf_adapter_config,
     load_adapter,
@@ -95,7 +96,7 @@ def test_without_any_training_length_the_schedule_refuses_to_run(load_base, tmp_
     model = load_base()
     apply_adapter(model, AdaLoraParams(target_modules=["q_proj"]))  # fine for inspection (peft targets)
     with pytest.raises(PeftCliError, match="method.total_step"):
-        adalora.after_optimizer_step(model, 0)
+        adalora.after_optimizer_step(model, adapter_info(model).params, 0)
     with pytest.raises(AdapterError, match="method.total_step"):
         save_adapter(model, tmp_path, base_model_name_or_path="tiny")
 
@@ -172,16 +173,16 @@ def test_training_loop_matches_hf_update_and_allocate_and_prunes_to_target(load_
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=5e-3)
     patterns = []
     for step in range(settings["total_step"]):
-        loss = ours(input_ids=input_ids, labels=input_ids).loss + adalora.extra_loss(ours)
+        loss = ours(input_ids=input_ids, labels=input_ids).loss + adalora.extra_loss(ours, adapter_info(ours).params)
         their_loss = theirs(input_ids=input_ids, labels=input_ids).loss  # HF adds its penalty itself
         assert torch.isfinite(loss) and abs(loss.item() - their_loss.item()) < 1e-5
         loss.backward(), their_loss.backward()
         opt_ours.step(), opt_theirs.step()
-        adalora.after_optimizer_step(ours, step)
+        adalora.after_optimizer_step(ours, adapter_info(ours).params, step)
         theirs.base_model.update_and_allocate(step)
         opt_ours.zero_grad(), opt_theirs.zero_grad()
 
-        pattern = adalora.config_updates(ours)["rank_pattern"]
+        pattern = adalora.config_updates(ours, adapter_info(ours).params)["rank_pattern"]
         their_pattern = theirs.peft_config["default"].rank_pattern
         if their_pattern is None:
             assert pattern is None, step
@@ -231,7 +232,7 @@ def test_orthogonality_penalty(load_base):
         model, AdaLoraParams(init_r=4, target_r=2, total_step=10, orth_reg_weight=0.3, target_modules=["q_proj"])
     )
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
-    penalty = adalora.extra_loss(model)
+    penalty = adalora.extra_loss(model, adapter_info(model).params)
     eye = torch.eye(4)
     terms = []
     for q_proj in (layer, model.get_submodule("model.layers.1.self_attn.q_proj")):
@@ -241,7 +242,7 @@ def test_orthogonality_penalty(load_base):
     assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
     off = load_base()
     apply_adapter(off, AdaLoraParams(total_step=10, orth_reg_weight=0, target_modules=["q_proj"]))
-    assert adalora.extra_loss(off) is None
+    assert adalora.extra_loss(off, adapter_info(off).params) is None
 
 
 def test_resumed_final_phase_recovers_the_pattern_from_the_checkpoint_zeros(load_base):
@@ -252,12 +253,12 @@ def test_resumed_final_phase_recovers_the_pattern_from_the_checkpoint_zeros(load
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     with torch.no_grad():
         layer.lora_E[1:3] = 0.0  # what the final phase left in the checkpoint
-    adalora.extra_loss(model)  # the loop computes the loss before the optimizer step...
+    adalora.extra_loss(model, adapter_info(model).params)  # the loop computes the loss before the optimizer step...
     with torch.no_grad():
         layer.lora_E.add_(0.5)  # ...which revives the pruned values
-    adalora.after_optimizer_step(model, 5)
+    adalora.after_optimizer_step(model, adapter_info(model).params, 5)
     name = "model.layers.0.self_attn.q_proj.lora_E"
-    assert adalora.config_updates(model)["rank_pattern"][name] == [True, False, False, True]
+    assert adalora.config_updates(model, adapter_info(model).params)["rank_pattern"][name] == [True, False, False, True]
     assert layer.lora_E[1:3].eq(0).all() and layer.lora_E[[0, 3]].ne(0).all()
 
 

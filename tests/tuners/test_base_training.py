@@ -23,7 +23,7 @@ from peftcli.tuners.bitfit.spec import BitFitParams
 from peftcli.tuners.freeze.layers import find_block_lists
 from peftcli.tuners.freeze.spec import FreezeParams
 from peftcli.tuners.full.spec import FullParams
-from peftcli.tuners.protocol import AdapterContext
+from peftcli.tuners.protocol import AdapterContext, merge_layers, unmerge_layers
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
 from support import logits, perturb
@@ -75,7 +75,7 @@ def test_registered_as_trains_base(name):
     assert tuner_for_peft_type(spec.peft_type) is spec
     implementation = load_implementation(name)
     # The trained base tensors are the result: there is nothing to fold in or take out.
-    assert not hasattr(implementation, "merge_all") and not hasattr(implementation, "unmerge_all")
+    assert (implementation.merge_all, implementation.unmerge_all) == (merge_layers, unmerge_layers)
     for field_name, field in spec.params.model_fields.items():
         assert field.description, field_name
 

@@ -189,7 +189,7 @@ def test_capabilities_and_merge_refusal(load_base):
     caps = spec.capabilities
     assert not caps.mergeable and not spec.in_hf_peft and spec.peft_type == "PEFTCLI_BOTTLENECK"
     assert set(caps.task_types) == {"causal_lm", "seq_cls", "token_cls", "seq2seq"}
-    assert "lora" in spec.extra["merge_refusal"]
+    assert "lora" in spec.merge_refusal
     model = load_base()
     apply_adapter(model, BottleneckParams())
     with pytest.raises(AdapterError, match="cannot be merged"):

@@ -194,7 +194,7 @@ def test_merge_is_refused_with_a_reason(name, kind, loader):
     _apply(model, name, kind)
     with pytest.raises(AdapterError, match=f"method {name} cannot be merged: .+"):
         merge_adapter(model)
-    assert get_tuner(name).extra.get("merge_refusal"), "say why it cannot merge and what to do instead"
+    assert get_tuner(name).merge_refusal, "say why it cannot merge and what to do instead"
 
 
 @pytest.mark.parametrize(("name", "kind"), _cases(lambda s: s.in_hf_peft))

@@ -13,8 +13,16 @@ from torch import nn
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from peftcli.errors import PeftCliError
-from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, save_adapter
-from peftcli.tuners.ia3.layers import IA3Layer, merge_all, unmerge_all
+from peftcli.tuners.adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    apply_adapter,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
+from peftcli.tuners.ia3.layers import IA3Layer
 from peftcli.tuners.ia3.spec import SPEC, IA3Params, is_feedforward
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner, tuner_for_peft_type
@@ -280,7 +288,7 @@ def test_merge_unmerge_on_bert_with_biases(load_bert):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     assert any(n.endswith("base_layer.bias") for n in before)
     unmerged = logits(model, input_ids=ids)
-    merge_all(model)
+    merge_adapter(model)
     once = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     # output scaling changes the bias too; input scaling leaves it alone
     assert not torch.equal(once["bert.encoder.layer.0.attention.self.key.base_layer.bias"],
@@ -288,10 +296,10 @@ def test_merge_unmerge_on_bert_with_biases(load_bert):
     assert torch.equal(once["bert.encoder.layer.0.output.dense.base_layer.bias"],
                        before["bert.encoder.layer.0.output.dense.base_layer.bias"])  # fmt: skip
     assert max_diff(logits(model, input_ids=ids), unmerged) < 1e-4
-    merge_all(model)  # idempotent
+    merge_adapter(model)  # idempotent
     assert all(torch.equal(p, once[n]) for n, p in model.named_parameters() if "base_layer" in n)
-    unmerge_all(model)
-    unmerge_all(model)
+    unmerge_adapter(model)
+    unmerge_adapter(model)
     for name, param in model.named_parameters():
         if "base_layer" in name:
             assert torch.allclose(param, before[name], atol=1e-5), name
@@ -320,7 +328,7 @@ def test_half_precision_base_keeps_fp32_vectors(load_base, input_ids):
     assert layer.ia3_l.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
     out = logits(model, input_ids=input_ids)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    merge_all(model)
+    merge_adapter(model)
     assert layer.base_layer.weight.dtype == torch.bfloat16
     merged = logits(model, input_ids=input_ids).float()
     assert max_diff(merged, out.float()) < 0.05 * out.float().abs().max().item()  # bf16 rounding only

@@ -13,8 +13,16 @@ from torch import nn
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from peftcli.errors import PeftCliError
-from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, save_adapter
-from peftcli.tuners.ln_tuning.layers import LNTuningLayer, is_norm, merge_all, unmerge_all
+from peftcli.tuners.adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    apply_adapter,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
+from peftcli.tuners.ln_tuning.layers import LNTuningLayer, is_norm
 from peftcli.tuners.ln_tuning.spec import SPEC, LNTuningParams
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import tuner_for_peft_type
@@ -169,13 +177,13 @@ def test_merge_writes_the_tuned_norm_and_unmerge_restores(load_base, input_ids):
     perturb(model, scale=0.2)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     unmerged = logits(model, input_ids=input_ids)
-    merge_all(model)
-    merge_all(model)  # idempotent
+    merge_adapter(model)
+    merge_adapter(model)  # idempotent
     for name, layer in ln_layers(model).items():
         assert torch.equal(layer.base_layer.weight, layer.ln_tuning_layers.weight), name
     assert max_diff(logits(model, input_ids=input_ids), unmerged) < 1e-5
-    unmerge_all(model)
-    unmerge_all(model)
+    unmerge_adapter(model)
+    unmerge_adapter(model)
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "base_layer" in n)
     assert torch.equal(logits(model, input_ids=input_ids), unmerged)
 
@@ -188,7 +196,7 @@ def test_half_precision_base(load_base, input_ids):
     perturb(model, scale=0.2)
     out = logits(model, input_ids=input_ids)
     assert out.dtype == torch.bfloat16
-    merge_all(model)
+    merge_adapter(model)
     assert layer.base_layer.weight.dtype == torch.bfloat16
     merged = logits(model, input_ids=input_ids).float()
     assert max_diff(merged, out.float()) < 0.05 * out.float().abs().max().item()

@@ -12,8 +12,16 @@ from torch import nn
 
 from peftcli.errors import AdapterError
 from peftcli.examples.tiny import build_llama
-from peftcli.tuners.adapter import WEIGHTS_NAME, adapter_info, apply_adapter, load_adapter, save_adapter
-from peftcli.tuners.lora.layers import LoraLinear, merge_all, unmerge_all
+from peftcli.tuners.adapter import (
+    WEIGHTS_NAME,
+    adapter_info,
+    apply_adapter,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
+from peftcli.tuners.lora.layers import LoraLinear
 from peftcli.tuners.lora.spec import LoraParams
 
 from support import logits
@@ -174,7 +182,7 @@ def test_merge_unmerge(load_base, input_ids):
     atol = merged_logit_tolerance(model, unmerged)  # 3.4e-5 here (measured: up to 1.05e-5)
     assert not torch.allclose(unmerged, logits(load_base(), input_ids), atol=1e-3)
 
-    merge_all(model)
+    merge_adapter(model)
     merged_weights = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     for name, layer in layers.items():
         assert layer.merged
@@ -183,17 +191,17 @@ def test_merge_unmerge(load_base, input_ids):
         torch.testing.assert_close(merged_weights[name] - base_weights[name], delta.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model, input_ids), unmerged, atol=atol, rtol=0)
 
-    merge_all(model)  # a second merge must not add the delta again
+    merge_adapter(model)  # a second merge must not add the delta again
     for name, layer in layers.items():
         assert torch.equal(layer.base_layer.weight, merged_weights[name])
     torch.testing.assert_close(logits(model, input_ids), unmerged, atol=atol, rtol=0)
 
-    unmerge_all(model)
+    unmerge_adapter(model)
     for name, layer in layers.items():
         assert not layer.merged
         torch.testing.assert_close(layer.base_layer.weight.detach(), base_weights[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model, input_ids), unmerged, atol=atol, rtol=0)
-    unmerge_all(model)  # a second unmerge is a no-op too
+    unmerge_adapter(model)  # a second unmerge is a no-op too
     for name, layer in layers.items():
         torch.testing.assert_close(layer.base_layer.weight.detach(), base_weights[name], atol=1e-6, rtol=0)
 
@@ -202,7 +210,7 @@ def test_merged_weight_does_not_track_gradients(load_base):
     model = load_base()
     apply_adapter(model, LoraParams(r=4, alpha=8, target_modules=["q_proj"]))
     randomize_lora_b(model)
-    merge_all(model)
+    merge_adapter(model)
     for layer in lora_layers(model).values():
         assert not layer.base_layer.weight.requires_grad
         assert layer.base_layer.weight.grad_fn is None

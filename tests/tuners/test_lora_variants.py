@@ -16,16 +16,22 @@ from torch import nn
 
 from peftcli.errors import PeftCliError
 from peftcli.examples.tiny import build_llama
-from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, apply_adapter, load_adapter, save_adapter
+from peftcli.tuners.adapter import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    apply_adapter,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    unmerge_adapter,
+)
 from peftcli.tuners.lora.layers import (
     LoraConv,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
     lora_layers,
-    merge_all,
     optimizer_groups,
-    unmerge_all,
 )
 from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
 from peftcli.tuners.lora.spec import LoraParams
@@ -243,7 +249,7 @@ def test_tied_weights_refuse_pissa_and_merging():
     model = tied()
     apply_adapter(model, LoraParams(target_modules=["embed_tokens"]))
     with pytest.raises(PeftCliError, match="shared with lm_head"):
-        merge_all(model)
+        merge_adapter(model)
 
 
 def test_all_linear_leaves_embeddings_and_convs_alone(load_base, conv_base):
@@ -334,12 +340,12 @@ def test_dora_merge_unmerge(load_base, input_ids, target):
     before = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     unmerged = logits(model, input_ids)
     assert max_diff(unmerged, logits(load_base(), input_ids)) > 1e-2
-    merge_all(model)
+    merge_adapter(model)
     merged_weights = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
     assert max_diff(logits(model, input_ids), unmerged) < 1e-4
-    merge_all(model)
+    merge_adapter(model)
     assert all(torch.equal(m.base_layer.weight, merged_weights[n]) for n, m in layers.items())
-    unmerge_all(model)
+    unmerge_adapter(model)
     for name, layer in layers.items():
         assert max_diff(layer.base_layer.weight, before[name]) < 1e-5
     assert max_diff(logits(model, input_ids), unmerged) < 1e-5
@@ -558,9 +564,9 @@ def test_embedding_layer_init_keys_and_merge(load_base, input_ids, tmp_path):
     perturb(model)
     unmerged = logits(model, input_ids)
     assert max_diff(unmerged, expected) > 1e-2
-    merge_all(model)
+    merge_adapter(model)
     assert max_diff(logits(model, input_ids), unmerged) < 1e-5
-    unmerge_all(model)
+    unmerge_adapter(model)
     assert max_diff(logits(model, input_ids), unmerged) < 1e-5
 
 
@@ -602,9 +608,9 @@ def test_conv_layers_merge_and_interop_with_hf_peft(conv_base, tmp_path, dora):
     perturb(model, scale=0.5)
     ours = logits(model, CONV_IDS)
     assert max_diff(ours, expected) > 1e-2
-    merge_all(model)
+    merge_adapter(model)
     assert max_diff(logits(model, CONV_IDS), ours) < 1e-5
-    unmerge_all(model)
+    unmerge_adapter(model)
     assert max_diff(logits(model, CONV_IDS), ours) < 1e-5
 
     save_adapter(model, tmp_path / "ours", None)
@@ -665,11 +671,11 @@ def test_bf16_base(tiny_model_dir, input_ids, fields):
     perturb(model)
     unmerged = logits(model, input_ids)
     assert unmerged.dtype == torch.bfloat16 and max_diff(unmerged, base_out) > 0.1
-    merge_all(model)
+    merge_adapter(model)
     for layer in lora_layers(model).values():
         assert layer.base_layer.weight.dtype == torch.bfloat16
     assert max_diff(logits(model, input_ids), unmerged) < 0.25 * unmerged.abs().max().item()
-    unmerge_all(model)
+    unmerge_adapter(model)
 
 
 def test_bf16_conv(conv_base):
@@ -678,7 +684,7 @@ def test_bf16_conv(conv_base):
     perturb(model)
     out = logits(model, CONV_IDS)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    merge_all(model)
+    merge_adapter(model)
     assert all(m.base_layer.weight.dtype == torch.bfloat16 for m in lora_layers(model).values())
     assert max_diff(logits(model, CONV_IDS), out) < 0.05 * out.abs().max().item() + 0.05
 

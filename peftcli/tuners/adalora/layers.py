@@ -18,9 +18,9 @@ from torch import nn
 
 from peftcli.errors import AdapterError, PeftCliError
 from peftcli.tuners.adalora.spec import SPEC, AdaLoraParams
-from peftcli.tuners.adapter import HF_KEY_PREFIX
+from peftcli.tuners.hf_format import HF_KEY_PREFIX
 from peftcli.tuners.inject import AdditiveLinear, find_targets, replace_module
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 
 STATE_ATTR = "peftcli_adalora"
 _FACTORS = ("lora_A", "lora_B", "lora_E")
@@ -225,7 +225,7 @@ def apply_method(model: nn.Module, params: AdaLoraParams, context: AdapterContex
     return AppliedMethod(targets)
 
 
-def extra_loss(model: nn.Module) -> torch.Tensor | None:
+def extra_loss(model: nn.Module, params: AdaLoraParams) -> torch.Tensor | None:
     """orth_reg_weight x the mean over A and B of ||A A^T - I||_F and ||B^T B - I||_F; None when the weight is 0."""
     allocator = _allocator(model)
     allocator.remember_zeros()  # called before the optimizer step: see RankAllocator.remember_zeros
@@ -242,7 +242,7 @@ def extra_loss(model: nn.Module) -> torch.Tensor | None:
     return weight * (penalty / count)
 
 
-def after_optimizer_step(model: nn.Module, step: int) -> None:
+def after_optimizer_step(model: nn.Module, params: AdaLoraParams, step: int) -> None:
     """Update importance and prune to the scheduled budget; `step` is the 0-based index of the step just taken.
 
     Call it after optimizer.step() and before the gradients are cleared (it reads them).
@@ -256,7 +256,7 @@ def after_optimizer_step(model: nn.Module, step: int) -> None:
     allocator.step(step)
 
 
-def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def training_state(model: nn.Module, params: AdaLoraParams) -> dict[str, torch.Tensor]:
     """The allocator's importance estimates and current pattern, so a resumed run prunes as an unbroken one."""
     allocator = _allocator(model)
     state = {f"sensitivity.{k}": v.detach().cpu() for k, v in allocator.sensitivity.items()}
@@ -266,7 +266,7 @@ def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_training_state(model: nn.Module, params: AdaLoraParams, tensors: dict[str, torch.Tensor]) -> None:
     """Restore `training_state` into the model's allocator."""
     allocator = _allocator(model)
     device = next(iter(allocator.layers.values())).lora_E.device
@@ -283,7 +283,7 @@ def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     allocator.pruned_masks = None
 
 
-def config_updates(model: nn.Module) -> dict:
+def config_updates(model: nn.Module, params: AdaLoraParams) -> dict:
     """The schedule length and the kept triplets (rank_pattern) as HF PEFT records them."""
     allocator = _allocator(model)
     if allocator.total_step is None:
@@ -299,7 +299,7 @@ def _kept(pattern: dict[str, list[bool]], name: str) -> torch.Tensor:
     return torch.tensor(pattern[f"{name}.lora_E"], dtype=torch.bool)
 
 
-def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, params: AdaLoraParams, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keep only the pattern's triplets of each layer (HF PEFT's saved shapes); the rest as usual."""
     allocator = _allocator(model)
     tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in named.items()}
@@ -314,7 +314,7 @@ def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[st
     return tensors
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(model: nn.Module, params: AdaLoraParams, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Put trimmed triplets back at their places in the full init_r tensors (zeros elsewhere)."""
     allocator = _allocator(model)
     named = {key.removeprefix(HF_KEY_PREFIX): value for key, value in tensors.items()}
@@ -341,15 +341,13 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
     return named
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every AdaLoRA layer of the model in place."""
-    for module in model.modules():
-        if isinstance(module, AdaLoraLinear):
-            module.merge()
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    for module in model.modules():
-        if isinstance(module, AdaLoraLinear):
-            module.unmerge()
+METHOD = MethodImplementation(
+    apply_method=apply_method,
+    adapter_tensors=adapter_tensors,
+    load_tensors=load_tensors,
+    extra_loss=extra_loss,
+    after_optimizer_step=after_optimizer_step,
+    training_state=training_state,
+    load_training_state=load_training_state,
+    config_updates=config_updates,
+)

@@ -207,10 +207,8 @@ SPEC = register_tuner(
         in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
-        extra={
-            "sharded_refusal": "rank allocation reads every adapter parameter's whole gradient after each step",
-            "deepspeed_refusal": "rank allocation reads each parameter's gradient after the optimizer step, which "
-            "DeepSpeed keeps in its own partitioned buffers",
-        },
+        sharded_refusal="rank allocation reads every adapter parameter's whole gradient after each step",
+        deepspeed_refusal="rank allocation reads each parameter's gradient after the optimizer step, which "
+        "DeepSpeed keeps in its own partitioned buffers",
     )
 )

@@ -10,7 +10,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.models.heads import output_head_names, task_head_names
 from peftcli.tuners.bitfit.spec import BitFitParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import ALL_LINEAR, name_matches, select_targets, short_names, unmatched_entries
 
 
@@ -69,3 +69,6 @@ def apply_method(model: nn.Module, params: BitFitParams, context: AdapterContext
     for name in targets:
         _own_bias(model.get_submodule(name)).requires_grad_(True)
     return AppliedMethod(targets)
+
+
+METHOD = MethodImplementation(apply_method=apply_method)

@@ -45,6 +45,6 @@ SPEC = register_tuner(
         ),
         implementation="peftcli.tuners.bitfit.layers",
         # Model-dependent: Llama, Mistral and T5 have no biases, and applying BitFit to them is an error.
-        extra={"model_requirement": "bias parameters (BERT, RoBERTa, GPT-2, Qwen2 attention; not Llama or T5)"},
+        model_requirement="bias parameters (BERT, RoBERTa, GPT-2, Qwen2 attention; not Llama or T5)",
     )
 )

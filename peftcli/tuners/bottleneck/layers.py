@@ -21,7 +21,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.tuners.bottleneck.spec import BottleneckParams
 from peftcli.tuners.inject import find_targets, replace_module
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -134,3 +134,6 @@ def apply_method(model: nn.Module, params: BottleneckParams, context: AdapterCon
         size = params.size_for(base.out_features)
         replace_module(model, name, BottleneckAdapter(base, size, params.activation, params.dropout))
     return AppliedMethod(targets)
+
+
+METHOD = MethodImplementation(apply_method=apply_method)

@@ -101,6 +101,6 @@ SPEC = register_tuner(
         implementation="peftcli.tuners.bottleneck.layers",
         peft_type=SPEC_PEFT_TYPE,
         to_hf_config=_to_config,
-        extra={"merge_refusal": MERGE_REFUSAL},
+        merge_refusal=MERGE_REFUSAL,
     )
 )

@@ -11,7 +11,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.models.heads import task_head_names
 from peftcli.tuners.freeze.spec import FreezeParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import name_matches, short_names
 
 # Last name component of the ModuleList that holds the transformer blocks, across common architectures
@@ -110,3 +110,6 @@ def apply_method(model: nn.Module, params: FreezeParams, context: AdapterContext
             f"method: the chosen modules ({', '.join(targets) or 'none'}) have no parameters; nothing would be trained"
         )
     return AppliedMethod(targets)
+
+
+METHOD = MethodImplementation(apply_method=apply_method)

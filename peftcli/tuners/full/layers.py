@@ -12,7 +12,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.models.heads import task_head_names
 from peftcli.tuners.full.spec import FullParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import name_matches, short_names, unmatched_entries
 
 
@@ -45,3 +45,6 @@ def apply_method(model: nn.Module, params: FullParams, context: AdapterContext) 
     if not targeted and not heads:
         raise PeftCliError("method.exclude_modules: every parameter is excluded; nothing would be trained")
     return AppliedMethod(targeted)
+
+
+METHOD = MethodImplementation(apply_method=apply_method)

@@ -13,7 +13,7 @@ from peftcli.errors import PeftCliError
 from peftcli.models.heads import task_head_names
 from peftcli.tuners.ia3.spec import DEFAULT_TARGETS, SPEC, IA3Params, is_feedforward
 from peftcli.tuners.inject import find_targets, layer_classes, replace_module
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AdapterLayer, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import ALL_LINEAR, name_matches, short_names
 
 # A vector entry this close to zero wipes its row/column out of the merged weight, so dividing it back out
@@ -21,7 +21,7 @@ from peftcli.tuners.targets import ALL_LINEAR, name_matches, short_names
 NEAR_ZERO = 1e-6
 
 
-class IA3Layer(nn.Module):
+class IA3Layer(AdapterLayer):
     """A frozen linear or 2-D convolution layer whose output (or input) is rescaled by a trainable vector."""
 
     def __init__(self, base_layer: nn.Linear | nn.Conv2d, feedforward: bool, init: str = "ones"):
@@ -78,6 +78,9 @@ class IA3Layer(nn.Module):
             if scales_bias:
                 base.bias.copy_(base.bias.float() * self.ia3_l.detach().flatten())
         self.merged = True
+
+    def forget_unmerge_state(self) -> None:
+        self._original = None
 
     def unmerge(self) -> None:
         """Divide the vector back out of the base weight (exact copy back where an entry was near zero)."""
@@ -192,15 +195,4 @@ def apply_method(model: nn.Module, params: IA3Params, context: AdapterContext) -
     return AppliedMethod(targets, config_extra={"feedforward_modules": sorted(ff_names)})
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every IA3 layer of the model in place."""
-    for module in model.modules():
-        if isinstance(module, IA3Layer):
-            module.merge()
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    for module in model.modules():
-        if isinstance(module, IA3Layer):
-            module.unmerge()
+METHOD = MethodImplementation(apply_method=apply_method)

@@ -15,7 +15,7 @@ from peftcli.errors import PeftCliError
 from peftcli.models.heads import task_head_names
 from peftcli.tuners.inject import replace_module
 from peftcli.tuners.ln_tuning.spec import LNTuningParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AdapterLayer, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import name_matches, select_targets, short_names, unmatched_entries
 
 NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm")
@@ -26,7 +26,7 @@ def is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith(NORM_CLASS_SUFFIXES)
 
 
-class LNTuningLayer(nn.Module):
+class LNTuningLayer(AdapterLayer):
     """A frozen module and a trainable fp32 copy of it; the copy computes the output until merged."""
 
     def __init__(self, base_layer: nn.Module):
@@ -56,6 +56,9 @@ class LNTuningLayer(nn.Module):
             for base, tuned in pairs:
                 base.copy_(tuned)
         self.merged = True
+
+    def forget_unmerge_state(self) -> None:
+        self._original = None
 
     def unmerge(self) -> None:
         """Put the original base values back."""
@@ -136,15 +139,4 @@ def apply_method(model: nn.Module, params: LNTuningParams, context: AdapterConte
     return AppliedMethod(targets)
 
 
-def merge_all(model: nn.Module) -> None:
-    """Write every tuned copy over its base module."""
-    for module in model.modules():
-        if isinstance(module, LNTuningLayer):
-            module.merge()
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    for module in model.modules():
-        if isinstance(module, LNTuningLayer):
-            module.unmerge()
+METHOD = MethodImplementation(apply_method=apply_method)

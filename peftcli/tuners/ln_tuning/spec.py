@@ -72,6 +72,6 @@ SPEC = register_tuner(
         in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
-        extra={"sharded_refusal": "its trainable copies are made from the base norms' whole tensors"},
+        sharded_refusal="its trainable copies are made from the base norms' whole tensors",
     )
 )

@@ -14,8 +14,8 @@ from torch import nn
 
 from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.loha.spec import LohaParams
-from peftcli.tuners.lycoris import LycorisLayer, kaiming_, merge_layers, tucker_rebuild, wrap_targets
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.lycoris import LycorisLayer, kaiming_, tucker_rebuild, wrap_targets
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 
 
 class LohaLayer(LycorisLayer):
@@ -68,11 +68,4 @@ def apply_method(model: nn.Module, params: LohaParams, context: AdapterContext) 
     return AppliedMethod(wrap_targets(model, params, "loha", make))
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every LoHa layer of the model in place."""
-    merge_layers(model, LohaLayer, merge=True)
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    merge_layers(model, LohaLayer, merge=False)
+METHOD = MethodImplementation(apply_method=apply_method)

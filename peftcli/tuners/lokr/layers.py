@@ -16,8 +16,8 @@ from torch import nn
 
 from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.lokr.spec import LokrParams, factorization
-from peftcli.tuners.lycoris import LycorisLayer, kaiming_, merge_layers, tucker_rebuild, wrap_targets
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.lycoris import LycorisLayer, kaiming_, tucker_rebuild, wrap_targets
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 
 
 class LokrLayer(LycorisLayer):
@@ -110,11 +110,4 @@ def apply_method(model: nn.Module, params: LokrParams, context: AdapterContext) 
     return AppliedMethod(wrap_targets(model, params, "lokr", make))
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every LoKr layer of the model in place."""
-    merge_layers(model, LokrLayer, merge=True)
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    merge_layers(model, LokrLayer, merge=False)
+METHOD = MethodImplementation(apply_method=apply_method)

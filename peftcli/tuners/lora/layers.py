@@ -15,7 +15,7 @@ from torch import nn
 from peftcli.errors import AdapterError, PeftCliError
 from peftcli.models.experts import fused_expert_parameters
 from peftcli.models.quantized_layers import is_quantized, quantized_kind
-from peftcli.tuners.adapter import HF_KEY_PREFIX, adapter_info
+from peftcli.tuners.hf_format import HF_KEY_PREFIX
 from peftcli.tuners.inject import find_targets, replace_module
 from peftcli.tuners.lora.init import plain_lora_config, plain_lora_factors
 from peftcli.tuners.lora.modules import (
@@ -29,7 +29,7 @@ from peftcli.tuners.lora.modules import (
 from peftcli.tuners.lora.parameters import LoraParameter
 from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
 from peftcli.tuners.lora.spec import SPEC, LoraParams, changes_base
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import ALL_LINEAR
 
 __all__ = [  # the layer classes are re-exported: other code reaches LoRA through this module
@@ -43,9 +43,7 @@ __all__ = [  # the layer classes are re-exported: other code reaches LoRA throug
     "config_updates",
     "load_tensors",
     "lora_layers",
-    "merge_all",
     "optimizer_groups",
-    "unmerge_all",
 ]
 
 # --- applying the method ----------------------------------------------------------------------------------------
@@ -222,22 +220,10 @@ def apply_method(model: nn.Module, params: LoraParams, context: AdapterContext) 
     return AppliedMethod(targets, targeted_parameters=_wrap_parameters(model, params, by_parameter))
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every LoRA layer of the model in place."""
-    for module in lora_layers(model).values():
-        module.merge()
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    for module in lora_layers(model).values():
-        module.unmerge()
-
-
 # --- saving, loading and training hooks (see tuners/protocol.py) --------------------------------------------------
 
 
-def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, params: LoraParams, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """On-disk tensors; a PiSSA/OLoRA adapter is written as the plain rank-2r LoRA that fits the original base."""
     tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in named.items()}
     for layer_name, layer in lora_layers(model).items():
@@ -250,13 +236,12 @@ def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[st
     return tensors
 
 
-def config_updates(model: nn.Module) -> dict:
+def config_updates(model: nn.Module, params: LoraParams) -> dict:
     """adapter_config.json fields of the saved form: a PiSSA/OLoRA adapter is saved as plain LoRA of rank 2r."""
-    params = adapter_info(model).params
     return plain_lora_config(params) if changes_base(params.init) else {}
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(model: nn.Module, params: LoraParams, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """On-disk tensors under parameter names.
 
     HF PEFT also saves the full base weight of an embedding it targets by a short name
@@ -314,3 +299,12 @@ def optimizer_groups(model: nn.Module, params: LoraParams) -> list[dict]:
             group = "lora_plus_A"
         groups[group][0].append(param)
     return [{"name": name, "params": ps, "lr_scale": scale} for name, (ps, scale) in groups.items() if ps]
+
+
+METHOD = MethodImplementation(
+    apply_method=apply_method,
+    adapter_tensors=adapter_tensors,
+    load_tensors=load_tensors,
+    optimizer_groups=optimizer_groups,
+    config_updates=config_updates,
+)

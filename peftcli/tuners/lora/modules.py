@@ -20,6 +20,7 @@ from peftcli.models.quantized_layers import float_weight
 from peftcli.tuners.lora.init import decompose
 from peftcli.tuners.lora.spec import changes_base
 from peftcli.tuners.lora.variants import DORA, PLAIN
+from peftcli.tuners.protocol import AdapterLayer
 
 ADAPTER_DTYPE = torch.float32  # A, B and magnitudes are created in fp32 whatever the base dtype
 
@@ -33,7 +34,7 @@ def reset_factors(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
     nn.init.zeros_(b)
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterLayer):
     """What every LoRA layer shares: scaling, dropout, the variant, merging, and PiSSA/OLoRA's initial factors.
 
     `lora_initial_A`/`lora_initial_B` are buffers (not parameters, not saved in any state dict): the factors

@@ -334,11 +334,9 @@ SPEC = register_tuner(
         in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
-        extra={
-            "quantized_check": _quantized_check,
-            "sharded_check": _sharded_check,
-            # PiSSA/OLoRA start from the whole base weight: under ZeRO-3 the base is then loaded whole
-            "starts_from_base_weights": lambda params: changes_base(params.init),
-        },
+        quantized_check=_quantized_check,
+        sharded_check=_sharded_check,
+        # PiSSA/OLoRA start from the whole base weight: under ZeRO-3 the base is then loaded whole
+        starts_from_base_weights=lambda params: changes_base(params.init),
     )
 )

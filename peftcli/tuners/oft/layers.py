@@ -13,7 +13,7 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.tuners.inject import WrappedLinear, find_targets, replace_module
 from peftcli.tuners.oft.spec import SPEC, OftParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
@@ -186,15 +186,4 @@ def apply_method(model: nn.Module, params: OftParams, context: AdapterContext) -
     return AppliedMethod(targets)
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every OFT layer of the model in place."""
-    for module in model.modules():
-        if isinstance(module, OftLinear):
-            module.merge()
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    for module in model.modules():
-        if isinstance(module, OftLinear):
-            module.unmerge()
+METHOD = MethodImplementation(apply_method=apply_method)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from peftcli.tuners.p_tuning.spec import SPEC, PTuningParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.virtual_tokens import (
     PromptSource,
     check_task,
@@ -70,11 +70,14 @@ def apply_method(model: nn.Module, params: PTuningParams, context: AdapterContex
     return AppliedMethod(targeted=[], config_extra=extra)
 
 
-def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, params: PTuningParams, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF PEFT's layout: the encoder's output as `prompt_embeddings` (the encoder itself is not saved)."""
     return prompt_adapter_tensors(model, named)
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(model: nn.Module, params: PTuningParams, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of adapter_tensors: the model uses the saved prompt from now on, bypassing the encoder."""
     return prompt_load_tensors(model, tensors)
+
+
+METHOD = MethodImplementation(apply_method=apply_method, adapter_tensors=adapter_tensors, load_tensors=load_tensors)

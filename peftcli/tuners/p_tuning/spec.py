@@ -103,9 +103,7 @@ SPEC = register_tuner(
         in_hf_peft=True,
         to_hf_config=_to_hf_config,
         from_hf_config=_from_hf_config,
-        extra={
-            "merge_refusal": "P-tuning adds virtual tokens to the input rather than changing weights; "
-            "serve the adapter with the base model instead (peft.PeftModel, or peftcli's load_adapter)"
-        },
+        merge_refusal="P-tuning adds virtual tokens to the input rather than changing weights; "
+        "serve the adapter with the base model instead (peft.PeftModel, or peftcli's load_adapter)",
     )
 )

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from peftcli.tuners.prefix_tuning.spec import SPEC, PrefixTuningParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.virtual_tokens import (
     PROMPT_ATTR,
     PromptSource,
@@ -58,12 +58,19 @@ def apply_method(model: nn.Module, params: PrefixTuningParams, context: AdapterC
     return AppliedMethod(targeted=[], config_extra=extra)
 
 
-def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapter_tensors(
+    model: nn.Module, params: PrefixTuningParams, named: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """HF PEFT's layout: the prefix (after the projection, if any) as `prompt_embeddings`."""
     return prompt_adapter_tensors(model, named)
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(
+    model: nn.Module, params: PrefixTuningParams, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The inverse of adapter_tensors; with projection the model uses the saved prefix, bypassing the MLP."""
     projection = getattr(model, PROMPT_ATTR).projection
     return prompt_load_tensors(model, tensors, table_param=None if projection else TABLE_PARAM)
+
+
+METHOD = MethodImplementation(apply_method=apply_method, adapter_tensors=adapter_tensors, load_tensors=load_tensors)

@@ -9,7 +9,7 @@ from torch import nn
 
 from peftcli.errors import PeftCliError
 from peftcli.tuners.prompt_tuning.spec import SPEC, PromptTuningParams
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.virtual_tokens import (
     PROMPT_ATTR,
     PromptSource,
@@ -82,11 +82,18 @@ def apply_method(model: nn.Module, params: PromptTuningParams, context: AdapterC
     return AppliedMethod(targeted=[], config_extra=extra)
 
 
-def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapter_tensors(
+    model: nn.Module, params: PromptTuningParams, named: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """HF PEFT's layout: the table as `prompt_embeddings`, trained heads as `base_model.<name>`."""
     return prompt_adapter_tensors(model, named)
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(
+    model: nn.Module, params: PromptTuningParams, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The inverse of adapter_tensors: `prompt_embeddings` is the embedding table."""
     return prompt_load_tensors(model, tensors, table_param=TABLE_PARAM)
+
+
+METHOD = MethodImplementation(apply_method=apply_method, adapter_tensors=adapter_tensors, load_tensors=load_tensors)

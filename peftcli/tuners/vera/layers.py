@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftcli.errors import AdapterError
-from peftcli.tuners.adapter import HF_KEY_PREFIX, adapter_info
+from peftcli.tuners.hf_format import HF_KEY_PREFIX
 from peftcli.tuners.inject import AdditiveLinear, find_targets, replace_module
-from peftcli.tuners.protocol import AdapterContext, AppliedMethod
+from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.vera.spec import SPEC, VeraParams
 
 PROJECTIONS_ATTR = "vera_projections"
@@ -99,19 +99,18 @@ def _projections(model: nn.Module) -> VeraProjections:
     return getattr(model, PROJECTIONS_ATTR)
 
 
-def adapter_tensors(model: nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, params: VeraParams, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-layer vectors under their usual keys, plus the shared projections under HF PEFT's model-level keys."""
     tensors = {HF_KEY_PREFIX + name: tensor for name, tensor in named.items()}
-    if adapter_info(model).params.save_projection:
+    if params.save_projection:
         shared = _projections(model)
         for attr, key in HF_PROJECTION_KEYS.items():
             tensors[key] = getattr(shared, attr).detach().to("cpu").contiguous()
     return tensors
 
 
-def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_tensors(model: nn.Module, params: VeraParams, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy saved projections into the shared buffers; return the rest under parameter names."""
-    params = adapter_info(model).params
     shared = _projections(model)
     present = [key for key in HF_PROJECTION_KEYS.values() if key in tensors]
     if params.save_projection and len(present) < len(HF_PROJECTION_KEYS):
@@ -135,15 +134,4 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str
     return {key.removeprefix(HF_KEY_PREFIX): value for key, value in rest.items()}
 
 
-def merge_all(model: nn.Module) -> None:
-    """Merge every VeRA layer of the model in place."""
-    for module in model.modules():
-        if isinstance(module, VeraLinear):
-            module.merge()
-
-
-def unmerge_all(model: nn.Module) -> None:
-    """Undo `merge_all`."""
-    for module in model.modules():
-        if isinstance(module, VeraLinear):
-            module.unmerge()
+METHOD = MethodImplementation(apply_method=apply_method, adapter_tensors=adapter_tensors, load_tensors=load_tensors)
