@@ -12,7 +12,6 @@ Kept torch-side only: the specs import nothing from here, so recipe validation s
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +20,10 @@ from torch import nn
 from peftcli.errors import PeftCliError
 from peftcli.models.quantized_layers import weight_shape
 from peftcli.tuners.inject import find_targets, replace_module
+from peftcli.tuners.lora.patterns import check_pattern_keys, pattern_value
 from peftcli.tuners.protocol import AdapterLayer
 
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
-
-
-def pattern_value(patterns: dict, module_name: str, default):
-    """The value of the first `patterns` key that matches `module_name` as HF PEFT matches rank/alpha patterns.
-
-    A key matches when it is a whole dotted suffix of the name, read as a regex (`(.*\\.)?(key)$`), so `q_proj`
-    matches every q_proj and `^model.layers.0.self_attn.q_proj` only that one.
-    """
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
 
 
 def tucker_rebuild(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
@@ -153,13 +141,7 @@ def wrap_targets(model: nn.Module, params, method: str, make_layer) -> list[str]
     """
     layer_types = ("Linear",) if params.target_modules == "all-linear" else LAYER_TYPES
     targets = find_targets(model, params.target_modules, params.exclude_modules, layer_types, method)
-    for patterns, option in ((params.rank_pattern, "rank_pattern"), (params.alpha_pattern, "alpha_pattern")):
-        unused = [k for k in patterns if not any(pattern_value({k: 1}, name, None) for name in targets)]
-        if unused:
-            raise PeftCliError(
-                f"method.{option}: {', '.join(unused)} matches none of the adapted modules; "
-                "keys are regexes matched against whole dotted-name suffixes (e.g. q_proj or layers\\.0\\..*)"
-            )
+    check_pattern_keys(params, [name for name, _ in model.named_modules() if name])
     for name in targets:
         base = model.get_submodule(name)
         if getattr(base, "padding_mode", "zeros") != "zeros":

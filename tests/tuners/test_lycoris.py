@@ -444,3 +444,11 @@ def test_hf_regex_targets_and_excludes_load(load_base, input_ids, tmp_path):
         "model.layers.1.mlp.down_proj",
     ]
     assert max_diff(run(model, input_ids), run(hf, input_ids)) < TOL
+
+
+def test_a_pattern_key_for_modules_left_unadapted_is_accepted_as_in_lora(load_base):
+    """One rule for every method (tuners/lora/patterns.py): HF PEFT adapters may carry keys for modules their
+    target list leaves out; only a key that matches nothing in the model is a typo."""
+    model = load_base()
+    apply_adapter(model, LohaParams(target_modules=["q_proj"], rank_pattern={"v_proj": 2}))
+    assert {m.r for m in model.modules() if isinstance(m, LohaLayer)} == {LohaParams().r}

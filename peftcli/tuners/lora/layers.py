@@ -27,7 +27,7 @@ from peftcli.tuners.lora.modules import (
     lora_layers,
 )
 from peftcli.tuners.lora.parameters import LoraParameter
-from peftcli.tuners.lora.patterns import in_selected_layers, layer_index, pattern_key, pattern_value
+from peftcli.tuners.lora.patterns import check_pattern_keys, in_selected_layers, layer_index, pattern_value
 from peftcli.tuners.lora.spec import SPEC, LoraParams, changes_base
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.targets import ALL_LINEAR
@@ -74,16 +74,6 @@ def _select_layers(params: LoraParams, found: list[str]) -> list[str]:
             + ")"
         )
     return kept
-
-
-def _check_patterns(params: LoraParams, model: nn.Module, parameters: list[str]) -> None:
-    # A key that matches no module at all is a typo; one that matches only modules left unadapted is harmless
-    # (HF PEFT adapters may carry such keys), so it is accepted.
-    names = [name for name, _ in model.named_modules() if name] + parameters
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(params, field):
-            if not any(pattern_key([key], name) for name in names):
-                raise PeftCliError(f"method.{field}: {key!r} matches no module of this model; fix or remove it")
 
 
 def _zero3(weight: torch.Tensor) -> bool:
@@ -206,7 +196,7 @@ def apply_method(model: nn.Module, params: LoraParams, context: AdapterContext) 
         found = find_targets(model, params.target_modules, params.exclude_modules, layer_types, "lora")
         targets = _select_layers(params, found)
     by_parameter = _parameter_targets(model, params.target_parameters, targets)
-    _check_patterns(params, model, [full for _, _, full in by_parameter])
+    check_pattern_keys(params, [name for name, _ in model.named_modules() if name] + [f for _, _, f in by_parameter])
     owners = _weight_sharers(model)
     for name in targets:
         base = model.get_submodule(name)

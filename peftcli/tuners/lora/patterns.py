@@ -34,6 +34,24 @@ def pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
     return None
 
 
+def check_pattern_keys(params, names: Iterable[str]) -> None:
+    """Refuse a `rank_pattern`/`alpha_pattern` key that matches no name of the model at all: a typo.
+
+    A key that matches only modules left unadapted is accepted: HF PEFT adapters may carry such keys. `names`
+    are the model's module names (and the parameters adapted directly).
+    """
+    from peftcli.errors import PeftCliError
+
+    names = list(names)
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(params, field) or {}:
+            if not any(pattern_key([key], name) for name in names):
+                raise PeftCliError(
+                    f"method.{field}: {key} matches no module of this model; fix or remove it (keys are regexes "
+                    "matched against whole dotted-name suffixes, e.g. q_proj or layers\\.0\\..*)"
+                )
+
+
 def pattern_value(patterns: Mapping[str, float], module_name: str, default: float) -> float:
     """The value of the first matching pattern key, else `default`."""
     key = pattern_key(patterns, module_name)
