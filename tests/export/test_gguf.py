@@ -671,16 +671,15 @@ def test_llama_cpp_tokenizes_like_a_qwen2_tokenizer(tmp_path):
     assert llama == [hf.encode(text) for text in texts]
 
 
-def test_a_qwen3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thread):
-    """LoRA on Qwen3 including its tied embedding: the run's GGUF reads back as base + adapter."""
+def _lora_run_to_gguf(model_dir: Path, tmp_path: Path):
+    """LoRA (tied embedding included) on `model_dir`, moved off identity, saved as a run and exported straight
+    to an f32 GGUF; returns the adapted model, the file and the merge's notes."""
     import yaml
-    from transformers import AutoModelForCausalLM
 
     from peftcli.export.gguf import write_gguf_from_run
     from peftcli.tuners.adapter import apply_adapter, save_adapter
     from peftcli.tuners.lora.spec import LoraParams
 
-    model_dir = _qwen_dir(tmp_path / "hf", "qwen3")
     model = _hf_model(model_dir)
     torch.manual_seed(0)
     apply_adapter(model, LoraParams(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
@@ -693,6 +692,15 @@ def test_a_qwen3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thre
     save_adapter(model, run, base_model_name_or_path=str(model_dir))
     (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
     out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    return model, out, notes
+
+
+def test_a_qwen3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thread):
+    """LoRA on Qwen3 including its tied embedding: the run's GGUF reads back as base + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _qwen_dir(tmp_path / "hf", "qwen3")
+    model, out, notes = _lora_run_to_gguf(model_dir, tmp_path)
     assert any("tie_word_embeddings: false" in note for note in notes)
     assert "output.weight" in _tensors(out)  # the head stays the base's while the embedding is merged
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
@@ -882,25 +890,8 @@ def test_gemma_settings_llama_cpp_does_not_reproduce_are_refused(changes, messag
 def test_a_gemma3_run_streams_into_gguf_with_its_adapter(tmp_path, one_torch_thread):
     """LoRA on Gemma 3 including its tied embedding: the GGUF gets its own output tensor and reads back as
     base + adapter."""
-    import yaml
-
-    from peftcli.export.gguf import write_gguf_from_run
-    from peftcli.tuners.adapter import apply_adapter, save_adapter
-    from peftcli.tuners.lora.spec import LoraParams
-
     model_dir = _gemma_dir(tmp_path / "hf", "gemma3", head_dim=256)
-    model = _hf_model(model_dir)
-    torch.manual_seed(0)
-    apply_adapter(model, LoraParams(r=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    run = tmp_path / "run"
-    save_adapter(model, run, base_model_name_or_path=str(model_dir))
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
-    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    model, out, notes = _lora_run_to_gguf(model_dir, tmp_path)
     assert any("tie_word_embeddings: false" in note for note in notes)
     assert "output.weight" in _tensors(out)
     generator = torch.Generator().manual_seed(5)  # prompts of plain pieces (ids past the byte tokens)
