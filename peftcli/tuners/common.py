@@ -37,3 +37,26 @@ def check_target_spec(value):
     if isinstance(value, str) and not value.strip():
         raise ValueError("must not be empty")
     return value
+
+
+# Fields whose HF PEFT key has the same name in every method that has them.
+SHARED_HF_FIELDS = {"exclude_modules": "exclude_modules", "modules_to_save": "modules_to_save"}
+
+
+def hf_fields(cfg: dict, names: dict[str, str], hf_defaults: dict | None = None) -> dict:
+    """Our params fields from an HF PEFT adapter_config.json; `names` maps each of our fields to HF's key.
+
+    A key HF left out, or wrote as null or empty, means HF's default: that is our own default (the params
+    model fills it in) unless `hf_defaults` gives HF's value for one of our fields (LoRA's alpha: 8 in HF
+    PEFT, 16 here). Values are passed as they are; the params model validates them.
+    """
+    hf_defaults = hf_defaults or {}
+    fields = {}
+    for ours, theirs in {**SHARED_HF_FIELDS, **names}.items():
+        value = cfg.get(theirs)
+        if value is None or value == [] or value == {}:
+            if ours in hf_defaults:
+                fields[ours] = hf_defaults[ours]
+            continue
+        fields[ours] = value
+    return fields

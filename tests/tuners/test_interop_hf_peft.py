@@ -282,3 +282,34 @@ def test_unconverted_pissa_is_refused_before_touching_the_model(load_base, tmp_p
         load_adapter(model, out)
     assert getattr(model, "peftcli_adapter", None) is None
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def _empty_as_none(value):
+    return None if value in (None, [], {}) else value
+
+
+@pytest.mark.parametrize(
+    ("method", "hf_class"),
+    [("lora", "LoraConfig"), ("loha", "LoHaConfig"), ("lokr", "LoKrConfig"), ("adalora", "AdaLoraConfig")],
+)
+def test_keys_an_hf_config_leaves_out_take_hf_peft_defaults(method, hf_class):
+    """Each method's HF_FIELDS lists our field for every HF key it reads; a config without those keys must give
+    exactly HF PEFT's defaults (our own defaults, except where the spec declares HF's differ)."""
+    import dataclasses
+    import importlib
+
+    import peft
+
+    from peftcli.tuners.registry import get_tuner
+
+    spec = get_tuner(method)
+    names = importlib.import_module(f"peftcli.tuners.{method}.spec").HF_FIELDS
+    hf_default = {}
+    for field in dataclasses.fields(getattr(peft, hf_class)):
+        factory = field.default_factory
+        hf_default[field.name] = factory() if factory is not dataclasses.MISSING else field.default
+    minimal = {"peft_type": spec.peft_type, "target_modules": ["q_proj"], "r": 8}  # what an HF config always has
+    params = spec.from_hf_config(minimal)
+    for ours, theirs in names.items():
+        assert _empty_as_none(getattr(params, ours)) == _empty_as_none(hf_default[theirs]), (ours, theirs)
+    assert params.alpha == hf_default["lora_alpha" if method in ("lora", "adalora") else "alpha"]

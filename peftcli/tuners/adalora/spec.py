@@ -18,6 +18,7 @@ from peftcli.tuners.common import (
     TargetSpec,
     check_target_spec,
     exclude_modules_field,
+    hf_fields,
     modules_to_save_field,
     target_modules_field,
 )
@@ -150,6 +151,15 @@ _UNSUPPORTED_HF_ADALORA = {
 }
 
 
+# Our field -> HF PEFT's key. Missing keys take our defaults, which equal HF PEFT's
+# (tests/tuners/test_interop_hf_peft.py checks it).
+HF_FIELDS = {
+    "init_r": "init_r", "target_r": "target_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "tinit": "tinit",
+    "tfinal": "tfinal", "delta_t": "deltaT", "beta1": "beta1", "beta2": "beta2", "orth_reg_weight": "orth_reg_weight",
+    "total_step": "total_step",
+}  # fmt: skip
+
+
 def _from_hf_config(cfg: dict) -> AdaLoraParams:
     for key, neutral in _UNSUPPORTED_HF_ADALORA.items():
         value = cfg.get(key, neutral)
@@ -160,21 +170,9 @@ def _from_hf_config(cfg: dict) -> AdaLoraParams:
     # use_rslora, alpha_pattern and init_lora_weights are accepted: HF PEFT's AdaLoRA layers ignore the first
     # two, and initialisation does not matter for a loaded adapter.
     return AdaLoraParams(
-        init_r=cfg.get("init_r", 12),
-        target_r=cfg.get("target_r", 8),
-        alpha=cfg.get("lora_alpha", 8),
-        dropout=cfg.get("lora_dropout", 0.0),
-        tinit=cfg.get("tinit", 0),
-        tfinal=cfg.get("tfinal", 0),
-        delta_t=cfg.get("deltaT", 1),
-        beta1=cfg.get("beta1", 0.85),
-        beta2=cfg.get("beta2", 0.85),
-        orth_reg_weight=cfg.get("orth_reg_weight", 0.5),
-        total_step=cfg.get("total_step"),
         target_modules=cfg["target_modules"],
-        exclude_modules=cfg.get("exclude_modules") or None,
-        modules_to_save=cfg.get("modules_to_save") or [],
         rank_pattern=_pattern_keys_without_adapter_name(cfg.get("rank_pattern")),
+        **hf_fields(cfg, HF_FIELDS),
     )
 
 

@@ -16,6 +16,7 @@ from peftcli.tuners.common import (
     TargetSpec,
     check_target_spec,
     exclude_modules_field,
+    hf_fields,
     modules_to_save_field,
     target_modules_field,
 )
@@ -129,24 +130,24 @@ def _to_hf_config(params: LokrParams, targeted: list[str]) -> dict:
     }
 
 
+# Our field -> HF PEFT's key. Missing keys take our defaults, which equal HF PEFT's
+# (tests/tuners/test_interop_hf_peft.py checks it).
+HF_FIELDS = {
+    name: name
+    for name in (
+        "r", "alpha", "rank_dropout", "rank_dropout_scale", "module_dropout", "use_effective_conv2d",
+        "decompose_both", "decompose_factor", "rank_pattern", "alpha_pattern",
+    )
+}  # fmt: skip
+
+
 def _from_hf_config(cfg: dict) -> LokrParams:
     check_hf_config(cfg, "LoKr")
     # init_weights only shapes the starting point; a saved adapter's tensors replace it, so any value loads.
     return LokrParams(
-        r=cfg.get("r", 8),
-        alpha=cfg.get("alpha", 8),
-        rank_dropout=cfg.get("rank_dropout", 0.0),
-        rank_dropout_scale=bool(cfg.get("rank_dropout_scale", False)),
-        module_dropout=cfg.get("module_dropout", 0.0),
-        use_effective_conv2d=bool(cfg.get("use_effective_conv2d", False)),
-        decompose_both=bool(cfg.get("decompose_both", False)),
-        decompose_factor=cfg.get("decompose_factor", -1),
         init="lycoris" if cfg.get("init_weights") == "lycoris" else "default",
         target_modules=cfg["target_modules"],
-        exclude_modules=cfg.get("exclude_modules") or None,
-        modules_to_save=cfg.get("modules_to_save") or [],
-        rank_pattern=cfg.get("rank_pattern") or {},
-        alpha_pattern=cfg.get("alpha_pattern") or {},
+        **hf_fields(cfg, HF_FIELDS),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from peftcli.recipe.base import StrictModel
-from peftcli.tuners.common import check_target_spec
+from peftcli.tuners.common import check_target_spec, hf_fields
 from peftcli.tuners.lora.patterns import check_pattern_key
 from peftcli.tuners.registry import Capabilities, TunerSpec, register_tuner
 from peftcli.tuners.targets import ALL_LINEAR
@@ -257,6 +257,13 @@ def _is_neutral(value, neutral) -> bool:
     return value is None or value is False or value in ({}, []) or (type(value) is type(neutral) and value == neutral)
 
 
+# Our field -> HF PEFT's key; missing keys take our defaults, which equal HF PEFT's except where hf_defaults says
+HF_FIELDS = {
+    "alpha": "lora_alpha", "dropout": "lora_dropout", "target_parameters": "target_parameters", "rslora": "use_rslora",
+    "dora": "use_dora", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+}  # fmt: skip
+
+
 def _from_hf_config(cfg: dict) -> LoraParams:
     for key, neutral in _UNSUPPORTED_HF_LORA.items():
         value = cfg.get(key, neutral)
@@ -272,20 +279,12 @@ def _from_hf_config(cfg: dict) -> LoraParams:
     layers = cfg.get("layers_to_transform")
     return LoraParams(
         r=cfg["r"],
-        alpha=cfg.get("lora_alpha", 8),
-        dropout=cfg.get("lora_dropout", 0.0),
         target_modules=cfg.get("target_modules") or ([] if cfg.get("target_parameters") else cfg["target_modules"]),
-        target_parameters=list(cfg.get("target_parameters") or []),
-        exclude_modules=cfg.get("exclude_modules") or None,
-        modules_to_save=cfg.get("modules_to_save") or [],
-        rslora=bool(cfg.get("use_rslora", False)),
         # The weights are read from the file, so any other (base-preserving) init loads as default.
         init="gaussian" if init == "gaussian" else "default",
-        dora=bool(cfg.get("use_dora", False)),
-        rank_pattern=cfg.get("rank_pattern") or {},
-        alpha_pattern=cfg.get("alpha_pattern") or {},
         layers_to_transform=None if layers == [] else layers,
         layers_pattern=(cfg.get("layers_pattern") or None) if layers not in (None, []) else None,
+        **hf_fields(cfg, HF_FIELDS, hf_defaults={"alpha": 8}),  # HF PEFT's lora_alpha defaults to 8, ours to 16
     )
 
 
