@@ -301,3 +301,43 @@ def test_a_process_left_alone_by_accelerate_refuses_to_train(tmp_path, tiny_mode
     assert result.returncode != 0
     assert "was started as one of 2, but accelerate set it up to run alone" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_on_fused_experts_under_fsdp2_trains_what_one_process_trains(tmp_path, copy_data):
+    """LoRA on Mixtral's fused expert parameters (target_parameters) sharded by FSDP2: each step's loss and the
+    saved adapter equal the one-process run's (ZeRO-3 is refused by the recipe check instead)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from peftcli.examples.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model_dir = tmp_path / "mixtral"
+    MixtralForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    method = {"name": "lora", "r": 4, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+
+    def recipe(out: str, **training) -> dict:
+        return {**_recipe(tmp_path, model_dir, copy_data, out, eval_generation=None, **training), "method": method}
+
+    train(validate_recipe_dict(recipe("one", batch_size=PER_DEVICE * WORLD), "one.yaml"))
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe("two"))
+    result = _launch(recipe_file, "fsdp2")
+    if not _finished(tmp_path / "two"):
+        result = _launch(recipe_file, "fsdp2", "--overwrite")
+    assert _finished(tmp_path / "two"), result.stderr[-3000:]
+    assert "and 2 expert parameters" in " ".join((result.stdout + result.stderr).split())
+    ours, reference = _train_losses(tmp_path / "two"), _train_losses(tmp_path / "one")
+    assert len(ours) == len(reference) == STEPS
+    for (loss, norm), (ref_loss, ref_norm) in zip(ours, reference, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
+    tensors = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert tensors.keys() == expected.keys() and any(".experts.lora_B." in key for key in tensors)
+    for key, value in expected.items():  # the bound of the test above, for the same reason
+        assert tensors[key].shape == value.shape and (tensors[key] - value).abs().max().item() < 3e-4, key
