@@ -62,7 +62,8 @@ def methods(
             raise PeftCliError(f"unknown method {name!r}{hint}; `peft methods` lists them")
         _describe(console, tuners[name], share)
         return
-    table = Table("method", "kind", "layers", "tasks", "merge", "quantized", "ZeRO-3/FSDP", "HF PEFT", box=None)
+    columns = ("method", "kind", "layers", "tasks", "merge", "quantized", "ZeRO-3/FSDP", "packing", "HF PEFT")
+    table = Table(*columns, box=None)
     if share:
         table.add_column("trainable", justify="right")
     notes: list[str] = []
@@ -76,6 +77,7 @@ def methods(
             _yes(caps.mergeable),
             _yes(caps.quantized_base),
             _yes(caps.zero3_safe),
+            _yes(caps.packing),
             _yes(spec.in_hf_peft),
         ]
         if share:
@@ -104,6 +106,7 @@ def _describe(console, spec, share: bool) -> None:
         f"kind {caps.kind.replace('_', ' ')}; layers {', '.join(caps.layer_types) or '-'}; "
         f"tasks {', '.join(caps.task_types)}; mergeable {_yes(caps.mergeable)}; "
         f"quantized base {_yes(caps.quantized_base)}; ZeRO-3/FSDP {_yes(caps.zero3_safe)}; "
+        f"packing {_yes(caps.packing)}; "
         f"adapter format {'HF PEFT ' + spec.peft_type if spec.in_hf_peft else 'peftcli ' + spec.peft_type}"
     )
     if not caps.mergeable and spec.merge_refusal:

@@ -41,6 +41,9 @@ def print_plan(recipe: Recipe, mode: str) -> None:
         table.add_row("validation", "none")
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs or 1} epoch(s)"
     table.add_row("length", length)
+    packing = {"auto": "auto (on for causal_lm when the method can)", True: "on", False: "off"}[recipe.data.packing]
+    grouping = "; unpacked batches grouped by length" if recipe.data.group_by_length else ""
+    table.add_row("batching", f"packing {packing}{grouping}; cross-entropy {t.cross_entropy}")
     launch = recipe.launch
     if launch is None:
         table.add_row("processes", "1, or as an outside launcher (accelerate launch, torchrun, srun) starts them")
@@ -99,6 +102,17 @@ class RichReporter:
             f"{plan['accumulation']} accumulation x {plan['world_size']} process(es) ({plan['engine']}); "
             f"{plan['total_steps']} steps on {plan['device']}, mixed precision {plan['precision']}"
         )
+        shares = plan.get("padding_share")
+        if shares:
+            how = {"packed": "packed rows", "length-grouped": "length-grouped batches", "random": "random batches"}
+            kind = plan["batches"]
+            compared = "" if kind == "random" else f" ({shares['random']:.1%} in random batches)"
+            loss = "chunks of the hidden state" if plan["cross_entropy"] == "chunked" else "full logits"
+            c.print(
+                f"batches: {how[kind]}, {plan['micro_batches_per_epoch']} per epoch, {shares[kind]:.1%} padding"
+                f"{compared}; loss from {loss}",
+                highlight=False,
+            )
         if plan.get("quantization"):
             c.print(f"base quantized: {plan['quantization']}; optimizer {plan['optimizer']}", highlight=False)
         for note in plan.get("notes", ()):

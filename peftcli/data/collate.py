@@ -14,6 +14,11 @@ The batch contract, per task (what `prepare_data` produces and the training loop
 - token_cls: `labels` (batch, length), aligned with input_ids: the class id on the first sub-token of each
   word, -100 on the other sub-tokens, on special tokens and on padding.
 
+Packed rows (causal_lm with data.packing, see data/packing.py) also carry `position_ids` (batch, length),
+restarting at 0 for each example; the padding after a row counts as one more sequence of its own
+(0, 1, 2, ...) so it never joins the last example. Their `attention_mask` still marks real tokens, for
+counting, but the model is run without it: the restarting positions are what keep examples apart.
+
 The task is read from the examples themselves: an int label is seq_cls; label lists are padded to their own
 longest length, which equals the input length for causal_lm and token_cls.
 """
@@ -52,6 +57,11 @@ class PadCollator:
             "input_ids": self.pad(ids, self.pad_token_id),
             "attention_mask": self.pad([[1] * len(s) for s in ids], 0),
         }
+        if "position_ids" in examples[0]:
+            width = self.padded_length(ids)
+            batch["position_ids"] = torch.tensor(
+                [[*e["position_ids"], *range(width - len(e["position_ids"]))] for e in examples], dtype=torch.long
+            )
         if "token_type_ids" in examples[0]:
             batch["token_type_ids"] = self.pad([e["token_type_ids"] for e in examples], 0)
         labels = [e["labels"] for e in examples]

@@ -295,6 +295,25 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     model.enable_input_require_grads()
 
 
+def compile_decoder_layers(model: nn.Module) -> int:
+    """torch.compile each repeated block (the classes transformers keeps whole when sharding), in place.
+
+    Compiling the blocks rather than the whole model compiles one graph that every layer reuses, keeps module
+    and parameter names as they are (checkpoints, sharding and the adapter's keys are unchanged), and leaves
+    the output head uncompiled for the chunked loss. Returns how many blocks were compiled.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ModelError(
+            f"training.compile: {type(model).__name__} does not name its repeated blocks (_no_split_modules); "
+            "set training.compile: false"
+        )
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def default_device() -> str:
     """Where a model is placed when nobody says: this process's GPU, else the CPU."""
     if torch.cuda.is_available():

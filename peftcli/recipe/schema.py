@@ -240,6 +240,17 @@ class DataSection(StrictModel):
         description="Compute the loss on completions and assistant turns only; false trains on every token.",
     )
     shuffle_seed: int | None = Field(None, description="Seed of the validation split; defaults to training.seed.")
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="causal_lm: pack several examples into each row of up to max_length tokens (training.batch_size "
+        "then counts rows); each example keeps its own positions and attends only to itself, checked on the model "
+        "before training. auto: on for causal_lm when the method can pack, else off; true: required.",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="When not packing, batch training examples of similar length (random across batches) so "
+        "little of each batch is padding.",
+    )
 
     @field_validator("labels")
     @classmethod
@@ -298,6 +309,15 @@ class TrainingSection(StrictModel):
         "auto", description="Mixed precision of the computation; auto: bf16 where supported, else fp32."
     )
     activation_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    cross_entropy: Literal["auto", "chunked", "full"] = Field(
+        "auto",
+        description="causal_lm: chunked takes the loss from the last hidden state a chunk at a time and only where "
+        "a label exists, never holding the full logits; full computes every logit. auto: chunked when a check "
+        "on the model before training agrees with full, else full (the plan says why).",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional compilation): faster steps after warm-up."
+    )
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and always at the end).")
     eval_at_start: bool = Field(True, description="Evaluate before the first step, for a before/after figure.")
     eval_generation: EvalGeneration | None = Field(
@@ -431,6 +451,17 @@ class Recipe(StrictModel):
         problem = check(self.method) if self.model.quantization is not None and check else None
         if problem:
             raise ValueError(problem)
+        if self.data.packing is True and task != "causal_lm":
+            raise ValueError(f"data.packing: packing is for model.task causal_lm, not {task}; set it to false")
+        if self.data.packing is True and not spec.capabilities.packing:
+            raise ValueError(
+                f"data.packing: method {spec.name} cannot train on packed rows (its virtual tokens belong to one "
+                "example each); set data.packing: false"
+            )
+        if self.training.cross_entropy == "chunked" and task != "causal_lm":
+            raise ValueError(
+                f"training.cross_entropy: chunked is for model.task causal_lm, not {task}; use auto or full"
+            )
         if self.training.activation_checkpointing and not spec.capabilities.activation_checkpointing:
             raise ValueError(
                 f"training.activation_checkpointing: method {spec.name} does not work with activation "

@@ -8,25 +8,27 @@ import re
 import torch
 
 from peftcli.data.formats import IGNORE_INDEX
-from peftcli.train.distributed import unwrap_model
 from peftcli.train.losses import GENERATIVE_TASKS, batch_loss_sums, correct_counts, forward_logits
+from peftcli.train.objective import TaskObjective
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataloader, accelerator, task: str = "causal_lm", config=None) -> dict:
+def evaluate_loss(model, dataloader, accelerator, objective: TaskObjective) -> dict:
     """Label-weighted mean loss over the whole validation set (gathered across processes), plus perplexity for
     generative tasks and accuracy for classification."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss, labels, correct, predicted labels
-    config = config if config is not None else unwrap_model(accelerator, model).config
+    task = objective.task
     for batch in dataloader:
-        logits = forward_logits(model, batch, task, config)
-        sums, counts = batch_loss_sums(logits, batch, task)
-        parts = [sums.double(), counts.double()]
-        if task not in GENERATIVE_TASKS:
+        if task in GENERATIVE_TASKS:
+            sums, counts = objective.loss_sums(model, batch)
+            parts = [sums.double(), counts.double()]
+        else:
+            logits = forward_logits(model, batch, task, objective.config)
+            sums, counts = batch_loss_sums(logits, batch, task)
             correct, labelled = correct_counts(logits, batch, task)
-            parts += [correct.double(), labelled.double()]
+            parts = [sums.double(), counts.double(), correct.double(), labelled.double()]
         gathered = accelerator.gather_for_metrics(tuple(parts))
         for index, part in enumerate(gathered):
             totals[index] += part.sum().cpu()

@@ -22,17 +22,34 @@ from torch.utils.data import DataLoader
 
 import peftcli
 from peftcli.data.collate import PadCollator
+from peftcli.data.packing import PackedDataset, padding_share, shuffled
 from peftcli.data.prepare import prepare_data
+from peftcli.data.sampler import LengthGroupedSampler
 from peftcli.errors import PeftCliError
 from peftcli.launch.presets import Engine
 from peftcli.models.experts import experts_left_out
-from peftcli.models.load import enable_activation_checkpointing, load_base_model, load_tokenizer
+from peftcli.models.load import (
+    compile_decoder_layers,
+    enable_activation_checkpointing,
+    load_base_model,
+    load_tokenizer,
+)
 from peftcli.models.quantize import describe_quantization
 from peftcli.models.quantized_layers import parameter_count
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import fsdp_adapter_checkpoints, install_adapter_only_hooks
 from peftcli.train.evaluate import evaluate_loss, generation_score, majority_class_rate, prompt_ids
+from peftcli.train.fast_path import (
+    TOLERANCE,
+    ProbeResult,
+    check_packing,
+    packing_wanted,
+    probe_examples,
+    run_probe,
+    use_chunked_loss,
+)
+from peftcli.train.head_loss import HeadUnsupported, OutputHead
 from peftcli.train.objective import Objective, TaskObjective
 from peftcli.train.optim import LearningRateSchedule, build_optimizer
 from peftcli.train.run_dir import (
@@ -53,6 +70,7 @@ from peftcli.train.run_dir import (
 )
 from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
+from peftcli.tuners.registry import get_tuner
 
 
 class Reporter(Protocol):
@@ -121,6 +139,7 @@ class Run:
     schedule: LearningRateSchedule
     total_steps: int
     facts: dict  # what the plan and the summary both report
+    notes: list[str] = field(default_factory=list)  # what the plan says besides its numbers
     state: LoopState = field(default_factory=LoopState)
 
     @property
@@ -146,7 +165,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     run = set_up(recipe, resume, overwrite, reporter)
     training = recipe.training
     evaluation = Evaluation(run, reporter)
-    reporter.start({**run.facts, "start_step": run.state.step, "notes": _notes(run)})
+    reporter.start({**run.facts, "start_step": run.state.step, "notes": run.notes})
     if run.mode != "resume" and training.eval_at_start:
         evaluation.loss(0)
         evaluation.generations(0)
@@ -181,10 +200,12 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     out_dir = Path(recipe.output.dir)
     mode = check_output_dir(out_dir, resume, overwrite)  # before any work: a refused directory costs nothing
     accelerator, engine, whole_base = _accelerator(recipe)
-    tokenizer, data, train_loader, eval_loader = _data(recipe, accelerator, reporter)
+    packing = packing_wanted(recipe, get_tuner(recipe.method.name).capabilities.packing)
+    tokenizer, data, train_loader, eval_loader, batching = _data(recipe, accelerator, reporter, packing)
     total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
     model, info = _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data, total_steps, reporter)
     optimizer = build_optimizer(model, recipe.training, info.implementation.optimizer_groups(model, recipe.method))
+    packed = train_loader.dataset if packing else None
     loaders = (train_loader, eval_loader) if eval_loader is not None else (train_loader,)
     model, optimizer, *loaders = accelerator.prepare(model, optimizer, *loaders)
     install_adapter_only_hooks(accelerator)
@@ -208,7 +229,10 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
         total_steps=total_steps,
         facts={},
     )
-    run.facts = _facts(run)
+    probe = _check_fast_paths(run, packed, reporter) if recipe.model.task == "causal_lm" else None
+    loss = "chunked" if run.objective.head else "full"
+    run.facts = {**_facts(run), **batching, "cross_entropy": loss, "probe": probe}
+    run.notes += _notes(run)
     _start_or_resume(run, reporter)
     return run
 
@@ -238,18 +262,33 @@ def _accelerator(recipe: Recipe):
     return accelerator, describe_engine(accelerator), whole_base
 
 
-def _data(recipe: Recipe, accelerator, reporter: Reporter):
-    """The tokenizer, the prepared data and their loaders (tokenized once, by the main process first)."""
+def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool):
+    """The tokenizer, the prepared data, their loaders (tokenized once, by the main process first), and how
+    batches are formed: packed rows, length-grouped or random, with the padding share it leaves."""
     reporter.message(f"loading tokenizer and data for {recipe.model.name_or_path}")
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # the other processes read the datasets cache
         data = prepare_data(recipe, tokenizer)
-    batch, collator = recipe.training.batch_size, PadCollator(tokenizer.pad_token_id)
-    train_loader = DataLoader(data.train, batch_size=batch, shuffle=True, collate_fn=collator)
-    eval_loader = None
-    if data.validation is not None:
-        eval_loader = DataLoader(data.validation, batch_size=batch, collate_fn=collator)
-    return tokenizer, data, train_loader, eval_loader
+    batch, collator, seed = recipe.training.batch_size, PadCollator(tokenizer.pad_token_id), recipe.training.seed
+    lengths = [len(ids) for ids in data.train["input_ids"]]
+    random_padding = padding_share(lengths, batch, shuffled(len(lengths), seed))
+    validation = data.validation
+    if packing:
+        train = PackedDataset(data.train, recipe.data.max_length)
+        train_loader = DataLoader(train, batch_size=batch, shuffle=True, collate_fn=collator)
+        validation = None if validation is None else PackedDataset(validation, recipe.data.max_length)
+        rows = train.lengths()
+        how, padding = "packed", padding_share(rows, batch, shuffled(len(rows), seed))
+    elif recipe.data.group_by_length:
+        sampler = LengthGroupedSampler(lengths, batch, seed)
+        train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler, collate_fn=collator)
+        how, padding = "length-grouped", padding_share(lengths, batch, list(sampler))
+    else:
+        train_loader = DataLoader(data.train, batch_size=batch, shuffle=True, collate_fn=collator)
+        how, padding = "random", random_padding
+    eval_loader = None if validation is None else DataLoader(validation, batch_size=batch, collate_fn=collator)
+    batching = {"packing": packing, "batches": how, "padding_share": {"random": random_padding, how: padding}}
+    return tokenizer, data, train_loader, eval_loader, batching
 
 
 def _total_steps(training, micro_per_epoch: int) -> int:
@@ -277,6 +316,8 @@ def _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data,
         info = apply_adapter(model, recipe.method, context)
     if recipe.training.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if recipe.training.compile:
+        reporter.message(f"compiling {compile_decoder_layers(model)} decoder layers (the first steps take longer)")
     return model, info
 
 
@@ -312,6 +353,35 @@ def _notes(run: Run) -> list[str]:
     info = run.info
     experts = experts_left_out(run.unwrapped, [*info.param_names, *info.targeted_parameters])
     return [experts] if experts else []
+
+
+def _check_fast_paths(run: Run, packed: PackedDataset | None, reporter: Reporter) -> dict:
+    """Run the probe (train/fast_path.py) on the prepared model: refuse a packing backend that leaks, and take
+    the chunked loss unless it disagrees with full logits. Every process runs it: sharded weights need all."""
+    recipe = run.recipe
+    setting, name = recipe.training.cross_entropy, recipe.model.name_or_path
+    head, result = None, ProbeResult()
+    if setting != "full":
+        try:
+            head = OutputHead(run.unwrapped)
+        except HeadUnsupported as exc:
+            result.chunked_unsupported = str(exc)
+    half = run.accelerator.mixed_precision in ("bf16", "fp16") or any(
+        p.dtype in (torch.bfloat16, torch.float16) for p in run.unwrapped.parameters() if p.is_floating_point()
+    )
+    tolerance = TOLERANCE["half" if half else "full"]
+    examples, packs = probe_examples(run.data.train, packed)
+    if packs or head is not None:
+        reporter.message("checking packing and the chunked loss against plain forwards")
+        device, config = run.accelerator.device, run.unwrapped.config
+        result = run_probe(run.model, head, examples, packs, run.tokenizer.pad_token_id, device, config)
+        backend = getattr(config, "_attn_implementation", None) or "default"
+        check_packing(result, tolerance, name, backend)
+    if setting != "full":
+        chunked, note = use_chunked_loss(result, tolerance, setting, name)
+        run.objective.head = head if chunked else None
+        run.notes += [note] if note else []
+    return {"packing_error": result.packing_error, "chunked_error": result.chunked_error}
 
 
 def _start_or_resume(run: Run, reporter: Reporter) -> None:
@@ -473,7 +543,7 @@ class Evaluation:
         run = self.run
         if run.eval_loader is None:
             return
-        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.recipe.model.task, run.unwrapped.config)
+        result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.objective)
         result["step"] = step
         if run.main:
             append_jsonl(run.out_dir / METRICS_FILE, {"type": "eval", **result})
@@ -524,6 +594,7 @@ def _summary(run: Run) -> dict:
     losses = [r["loss"] for r in records if r["type"] == "train"]
     tail, state, facts = losses[-10:], run.state, run.facts
     kept = ("total_steps", "effective_batch_size", "engine", "quantization", "optimizer", "task", "label_names")
+    kept += ("packing", "batches", "padding_share", "cross_entropy")
     return {
         "method": run.recipe.method.name,
         "base_model": run.recipe.model.name_or_path,

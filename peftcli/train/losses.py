@@ -45,9 +45,13 @@ def decoder_inputs(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Te
     return shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
 
 
-def forward_logits(model, batch: dict, task: str, config) -> torch.Tensor:
-    """Run the model on a batch the way its task needs (decoder inputs for seq2seq, no cache anywhere)."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+def model_inputs(batch: dict, task: str, config) -> dict:
+    """The model's keyword arguments for a batch: decoder inputs for seq2seq, no cache anywhere, and for packed
+    rows their restarting positions and no attention mask (which is what keeps their examples apart)."""
+    if "position_ids" in batch:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "token_type_ids" in batch:  # sentence pairs for BERT-style encoders
         inputs["token_type_ids"] = batch["token_type_ids"]
     if task == "seq2seq":
@@ -56,7 +60,12 @@ def forward_logits(model, batch: dict, task: str, config) -> torch.Tensor:
         inputs["use_cache"] = False
     elif task == "causal_lm":
         inputs["use_cache"] = False
-    return model(**inputs).logits
+    return inputs
+
+
+def forward_logits(model, batch: dict, task: str, config) -> torch.Tensor:
+    """Run the model on a batch the way its task needs; its logits."""
+    return model(**model_inputs(batch, task, config)).logits
 
 
 def batch_loss_sums(logits: torch.Tensor, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from peftcli.train.losses import batch_loss_sums, forward_logits, label_count
+from peftcli.train.head_loss import OutputHead, chunked_loss_sums
+from peftcli.train.losses import batch_loss_sums, forward_logits, label_count, model_inputs
 
 
 class Objective(Protocol):
@@ -28,15 +29,25 @@ class Objective(Protocol):
 
 @dataclass
 class TaskObjective:
-    """Cross-entropy on the task's labels: next tokens, target tokens or classes."""
+    """Cross-entropy on the task's labels: next tokens, target tokens or classes.
+
+    With `head` (causal LM), the loss is taken from the last hidden state in chunks, never holding the full
+    logits (train/head_loss.py); without it, from the model's logits.
+    """
 
     task: str
     config: Any  # the model config (seq2seq decoder start and pad ids)
+    head: OutputHead | None = None
 
     def label_count(self, batch: dict) -> int:
         return label_count(batch, self.task)
 
+    def loss_sums(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row loss sums and label counts."""
+        if self.head is not None:
+            inputs = model_inputs(batch, self.task, self.config)
+            return chunked_loss_sums(self.head, model, inputs, batch["labels"])
+        return batch_loss_sums(forward_logits(model, batch, self.task, self.config), batch, self.task)
+
     def loss_sum(self, model, batch: dict) -> torch.Tensor:
-        logits = forward_logits(model, batch, self.task, self.config)
-        sums, _ = batch_loss_sums(logits, batch, self.task)
-        return sums.sum()
+        return self.loss_sums(model, batch)[0].sum()

@@ -32,6 +32,7 @@ class Capabilities:
     quantized_base: bool = False
     zero3_safe: bool = False
     activation_checkpointing: bool = True  # False where recomputation breaks the method (prefix caches)
+    packing: bool = True  # False where the method cannot train on packed rows (data.packing)
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,21 @@ def test_every_registered_method_claims_known_tasks() -> None:
     for spec in schema.all_tuners().values():
         assert spec.capabilities.task_types, spec.name
         assert set(spec.capabilities.task_types) <= set(schema.TASK_FORMATS), spec.name
+
+
+def test_packing_is_refused_where_it_cannot_work(tmp_path: Path, model_dir: Path, data_file: Path) -> None:
+    raw = recipe_for(tmp_path, model_dir, data_file, "seq_cls", "classification")
+    raw["data"]["packing"] = True
+    assert "data.packing: packing is for model.task causal_lm, not seq_cls; set it to false" in only_problem(
+        tmp_path, raw
+    )
+    raw = recipe_for(tmp_path, model_dir, data_file, "causal_lm", "text")
+    raw["data"]["packing"] = True
+    raw["method"] = {"name": "prompt_tuning", "num_virtual_tokens": 4}
+    assert "data.packing: method prompt_tuning cannot train on packed rows" in only_problem(tmp_path, raw)
+    assert not get_tuner("prompt_tuning").capabilities.packing and get_tuner("lora").capabilities.packing
+    raw["data"]["packing"] = "auto"  # auto leaves packing off for such methods
+    assert load_recipe(write_recipe(tmp_path / "ok.yaml", raw)).data.packing == "auto"
+    raw = recipe_for(tmp_path, model_dir, data_file, "seq_cls", "classification")
+    raw["training"]["cross_entropy"] = "chunked"
+    assert "training.cross_entropy: chunked is for model.task causal_lm" in only_problem(tmp_path, raw)

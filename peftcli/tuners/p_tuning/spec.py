@@ -96,6 +96,7 @@ SPEC = register_tuner(
             mergeable=False,
             quantized_base=True,
             zero3_safe=True,
+            packing=False,  # one row holds several examples; the virtual tokens would come once, before the first
             activation_checkpointing=True,
         ),
         implementation="peftcli.tuners.p_tuning.layers",

@@ -73,6 +73,7 @@ SPEC = register_tuner(
             mergeable=False,
             quantized_base=True,
             zero3_safe=True,
+            packing=False,  # one row holds several examples; the virtual tokens would come once, before the first
             # The prefix lives in the attention cache, which recomputation (checkpointing) would extend twice.
             activation_checkpointing=False,
         ),
