@@ -217,6 +217,25 @@ def resolve_attention(section: ModelSection, config, dtype) -> str | None:
     return "sdpa" if supports("sdpa") else "eager"
 
 
+def _load_dtype(section: ModelSection):
+    if section.dtype != "auto":
+        return DTYPES[section.dtype]
+    if is_gguf(section.name_or_path):
+        return torch.float32  # GGUF is dequantized; fp32 keeps every bit it had
+    return auto_dtype()
+
+
+def _config_unless_gguf(section: ModelSection):
+    # A GGUF file's config is parsed from the whole file's metadata: leave auto to transformers there.
+    return None if is_gguf(section.name_or_path) and section.task == "causal_lm" else _load_config(section)
+
+
+def planned_attention(section: ModelSection) -> str | None:
+    """The attention implementation `load_base_model` will use, known from the config alone (None: transformers'
+    choice), so that what depends on it (packing) is settled before the weights load."""
+    return resolve_attention(section, _config_unless_gguf(section), _load_dtype(section))
+
+
 def load_base_model(
     section: ModelSection,
     device_map: str | dict | None = None,
@@ -233,15 +252,9 @@ def load_base_model(
     """
     source, extra = _source_kwargs(section.name_or_path)
     kwargs: dict = {"revision": section.revision, "trust_remote_code": section.trust_remote_code, **extra}
-    if section.dtype != "auto":
-        kwargs["dtype"] = DTYPES[section.dtype]
-    elif extra:
-        kwargs["dtype"] = torch.float32  # GGUF is dequantized; fp32 keeps every bit it had
-    else:
-        kwargs["dtype"] = auto_dtype()
+    kwargs["dtype"] = _load_dtype(section)
     _quiet_transformers()
-    # A GGUF file's config is parsed from the whole file's metadata: leave auto to transformers there.
-    config = None if extra and section.task == "causal_lm" else _load_config(section)
+    config = _config_unless_gguf(section)
     kwargs["attn_implementation"] = resolve_attention(section, config, kwargs["dtype"])
     if section.task != "causal_lm":
         _check_task(section, config)

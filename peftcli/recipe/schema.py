@@ -244,7 +244,8 @@ class DataSection(StrictModel):
         "auto",
         description="causal_lm: pack several examples into each row of up to max_length tokens (training.batch_size "
         "then counts rows); each example keeps its own positions and attends only to itself, checked on the model "
-        "before training. auto: on for causal_lm when the method can pack, else off; true: required.",
+        "before training. auto: on for causal_lm when the method can pack and the attention backend runs packed "
+        "rows without a dense mask (flash attention, flex attention), else off (see group_by_length).",
     )
     group_by_length: bool = Field(
         True,

@@ -33,6 +33,7 @@ from peftcli.models.load import (
     enable_activation_checkpointing,
     load_base_model,
     load_tokenizer,
+    planned_attention,
 )
 from peftcli.models.quantize import describe_quantization
 from peftcli.models.quantized_layers import parameter_count
@@ -200,7 +201,8 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     out_dir = Path(recipe.output.dir)
     mode = check_output_dir(out_dir, resume, overwrite)  # before any work: a refused directory costs nothing
     accelerator, engine, whole_base = _accelerator(recipe)
-    packing = packing_wanted(recipe, get_tuner(recipe.method.name).capabilities.packing)
+    capable = get_tuner(recipe.method.name).capabilities.packing
+    packing = packing_wanted(recipe, capable, planned_attention(recipe.model))
     tokenizer, data, train_loader, eval_loader, batching = _data(recipe, accelerator, reporter, packing)
     total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
     model, info = _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data, total_steps, reporter)

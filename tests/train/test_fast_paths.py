@@ -24,6 +24,7 @@ from peftcli.errors import PeftCliError
 from peftcli.examples.assets import cache_dir
 from peftcli.models.load import load_tokenizer
 from peftcli.recipe.load import validate_recipe_dict
+from peftcli.train.fast_path import packing_wanted
 from peftcli.train.head_loss import OutputHead
 from peftcli.train.loop import SilentReporter, train
 from peftcli.train.objective import TaskObjective
@@ -203,14 +204,14 @@ def test_probe_refuses_a_backend_that_lets_packed_examples_see_each_other(
 ):
     # A backend that ignores the restarting positions: plain causal attention over the whole row.
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
-    for packing in ("auto", True):
-        out = tmp_path / f"run-{packing}"
-        recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, data={"packing": packing}, output={"dir": str(out)})
-        with pytest.raises(PeftCliError, match=r"data\.packing: .*tiny.* with attention sdpa lets packed examples"):
-            train(validate_recipe_dict(recipe, "test.yaml"))
-        assert not out.exists()  # refused before the run directory was started
-    # Unpacked runs are unaffected by the broken backend.
-    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, data={"packing": False}, training={"max_steps": 1})
+    out = tmp_path / "packed"
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, data={"packing": True}, output={"dir": str(out)})
+    with pytest.raises(PeftCliError, match=r"data\.packing: .*tiny.* with attention sdpa lets packed examples") as info:
+        train(validate_recipe_dict(recipe, "test.yaml"))
+    assert info.value.exit_code == 2
+    assert not out.exists()  # refused before the run directory was started
+    # Unpacked runs (auto, on sdpa) are unaffected by the broken backend.
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 1})
     reporter = _Plan()
     train(validate_recipe_dict(recipe, "test.yaml"), reporter=reporter)
     assert reporter.plan["packing"] is False and reporter.plan["batches"] == "length-grouped"
@@ -234,8 +235,26 @@ def test_probe_falls_back_to_full_logits_when_the_chunked_loss_disagrees(
         train(validate_recipe_dict(recipe, "test.yaml"))
 
 
-def test_a_default_causal_lm_run_packs_and_takes_the_chunked_loss(tmp_path, tiny_model_dir, copy_data):
-    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 2})
+@pytest.mark.parametrize(
+    ("setting", "method", "attention", "packs"),
+    [
+        ("auto", "lora", "flash_attention_2", True),
+        ("auto", "lora", "flex_attention", True),
+        ("auto", "lora", "sdpa", False),  # a dense mask: length-grouped batches do better
+        ("auto", "prompt_tuning", "flash_attention_2", False),  # cannot pack
+        (True, "lora", "sdpa", True),
+        (False, "lora", "flash_attention_2", False),
+    ],
+)
+def test_when_auto_packs(tmp_path, tiny_model_dir, copy_data, setting, method, attention, packs):
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, data={"packing": setting})
+    recipe["method"] = {"name": method} if method != "lora" else recipe["method"]
+    recipe = validate_recipe_dict(recipe, "test.yaml")
+    assert packing_wanted(recipe, get_tuner(method).capabilities.packing, attention) is packs
+
+
+def test_a_packed_run_reports_its_rows_and_takes_the_chunked_loss(tmp_path, tiny_model_dir, copy_data):
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, data={"packing": True}, training={"max_steps": 2})
     reporter = _Plan()
     summary = train(validate_recipe_dict(recipe, "test.yaml"), reporter=reporter)
     plan = reporter.plan
@@ -243,4 +262,4 @@ def test_a_default_causal_lm_run_packs_and_takes_the_chunked_loss(tmp_path, tiny
     assert plan["probe"]["packing_error"] < 1e-5 and plan["probe"]["chunked_error"] < 1e-5
     shares = plan["padding_share"]
     assert shares["packed"] < shares["random"]
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and summary["packing"] is True
