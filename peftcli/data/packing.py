@@ -53,6 +53,16 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def packed_row(examples: list[dict]) -> dict:
+    """One row of examples: input_ids and labels joined, position_ids restarting at each example."""
+    input_ids, labels, positions = [], [], []
+    for example in examples:
+        input_ids += example["input_ids"]
+        labels += [IGNORE_INDEX, *example["labels"][1:]]  # nothing before an example predicts its first token
+        positions += range(len(example["input_ids"]))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
 class PackedDataset(Dataset):
     """Rows of packed examples over a tokenized causal-LM dataset (columns input_ids and labels)."""
 
@@ -65,13 +75,7 @@ class PackedDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, row: int) -> dict:
-        input_ids, labels, positions = [], [], []
-        for index in self.rows[row]:
-            ids = self.input_ids[index]
-            input_ids += ids
-            labels += [IGNORE_INDEX, *self.labels[index][1:]]  # nothing before an example predicts its first token
-            positions += range(len(ids))
-        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+        return packed_row([{"input_ids": self.input_ids[i], "labels": self.labels[i]} for i in self.rows[row]])
 
     def lengths(self) -> list[int]:
         """Tokens per row."""

@@ -20,14 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from peftcli.data.collate import PadCollator
-from peftcli.data.formats import IGNORE_INDEX
-from peftcli.data.packing import PackedDataset
+from peftcli.data.packing import PackedDataset, packed_row
 from peftcli.errors import PeftCliError
 from peftcli.train.head_loss import HeadUnsupported, OutputHead
-from peftcli.train.losses import model_inputs
+from peftcli.train.losses import model_inputs, next_token_targets
 
 PROBE_EXAMPLES = 4
 # Allowed root-mean-square difference relative to the reference logits' (per example for packing). Measured
@@ -81,15 +79,6 @@ def _on(batch: dict, device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _packed_row(examples: list[dict]) -> dict:
-    input_ids, labels, positions = [], [], []
-    for example in examples:
-        input_ids += example["input_ids"]
-        labels += [IGNORE_INDEX, *example["labels"][1:]]
-        positions += range(len(example["input_ids"]))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-
-
 @torch.no_grad()
 def run_probe(
     model, head: OutputHead | None, examples: list[dict], packing: bool, pad_id: int, device, config
@@ -102,7 +91,7 @@ def run_probe(
     model.eval()
     collate = PadCollator(pad_id)
     try:
-        batch = _on(collate([_packed_row(examples)] if packing else examples), device)
+        batch = _on(collate([packed_row(examples)] if packing else examples), device)
         full = model(**model_inputs(batch, "causal_lm", config)).logits
         if packing:
             errors, start = [], 0
@@ -118,8 +107,7 @@ def run_probe(
             except HeadUnsupported as exc:
                 result.chunked_unsupported = str(exc)
             else:
-                targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-                keep = targets != IGNORE_INDEX
+                _, keep = next_token_targets(batch["labels"])
                 result.chunked_error = relative_difference(head.logits(hidden[keep]), full[keep])
     finally:
         model.train(was_training)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from peftcli.data.formats import IGNORE_INDEX
+from peftcli.train.losses import next_token_targets
 
 CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk
 
@@ -95,8 +95,7 @@ def chunked_loss_sums(head: OutputHead, model, inputs: dict, labels: torch.Tenso
     Position t predicts labels[t + 1]; only positions with such a label go through the head.
     """
     hidden, placeholder = head.hidden_states(model, inputs, labels)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    keep = targets != IGNORE_INDEX
+    targets, keep = next_token_targets(labels)
     rows, row_of = hidden[keep], keep.nonzero()[:, 0]
     targets = targets[keep]
 

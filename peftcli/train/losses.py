@@ -14,13 +14,19 @@ from peftcli.data.formats import IGNORE_INDEX
 GENERATIVE_TASKS = ("causal_lm", "seq2seq")
 
 
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each position predicts (labels[t + 1], -100 at the end) and where that is a label."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets, targets != IGNORE_INDEX
+
+
 def token_loss_sums(
     logits: torch.Tensor, labels: torch.Tensor, shift: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example sum of token cross-entropy and the number of label tokens; `shift` predicts the next token."""
     if shift:
         # Shift the labels, not the logits: slicing the logits would copy a (batch, length, vocabulary) tensor.
-        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        labels, _ = next_token_targets(labels)
     losses = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(labels.shape)
