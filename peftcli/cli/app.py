@@ -58,8 +58,13 @@ def print_error(error: PeftCliError) -> None:
 
 def main() -> None:
     """Console entry point: user errors exit 2 with one line each; bugs keep their traceback (exit 1)."""
+    from peftcli.train.preemption import RunStopped
+
     try:
         app()
+    except RunStopped as stopped:  # not an error: the run saved itself on request
+        typer.echo(str(stopped), err=True)
+        sys.exit(stopped.exit_code)
     except PeftCliError as error:
         print_error(error)
         from peftcli.launch.run import report_error_to_launcher

@@ -71,7 +71,12 @@ def print_plan(recipe: Recipe, mode: str) -> None:
         "evaluation", f"every {t.eval_every} steps" if t.eval_every else "at start and end" if val else "none"
     )
     table.add_row("checkpoints", f"every {t.save_every} steps, keep {t.keep_checkpoints}" if t.save_every else "none")
-    verb = {"new": "write", "resume": "resume in", "overwrite": "replace the run in"}[mode]
+    verb = {
+        "new": "write",
+        "resume": "resume in",
+        "overwrite": "replace the run in",
+        "restart": "start again (no complete checkpoint yet) in",
+    }[mode]
     table.add_row("output", f"{verb} {recipe.output.dir}")
     console.print("[bold]plan[/bold] (dry run: nothing loaded, nothing written)")
     console.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from pathlib import Path
@@ -92,13 +93,46 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last silently,
+    so a second `method:` section would replace the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' appears twice in one mapping (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file as UTF-8, or an error naming the file and the first byte that is not."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PeftCliError(
+            f"{path}: the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def read_recipe_dict(path: str | Path) -> dict:
     """The raw mapping of a recipe file, with YAML errors reported by line and column."""
     path = Path(path)
     if not path.is_file():
         raise PeftCliError(f"{path}: recipe file not found")
+    text = read_text_file(path, "recipe")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -111,10 +145,22 @@ def read_recipe_dict(path: str | Path) -> dict:
     return data
 
 
+def _non_finite(value: Any, path: str) -> list[tuple[str, float]]:
+    """Every inf or nan in a raw recipe (YAML reads .inf and .nan as numbers; no setting wants one)."""
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in _non_finite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [hit for i, v in enumerate(value) for hit in _non_finite(v, f"{path}[{i}]")]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, value)]
+    return []
+
+
 def validate_recipe_dict(data: dict, source: str) -> Recipe:
     """Validate a raw mapping; every problem of the file is reported at once."""
     problems: list[str] = []
     data = _expand_env(data, "", problems, source)
+    problems += [f"{source}: {key}: {value} is not a finite number" for key, value in _non_finite(data, "")]
     if problems:
         raise RecipeError(problems)
     try:

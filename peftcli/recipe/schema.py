@@ -327,7 +327,7 @@ class TrainingSection(StrictModel):
     save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(1, gt=0, description="Log training metrics every N steps.")
-    seed: int = Field(42)
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds torch, numpy and Python (numpy takes 0 to 2**32 - 1).")
 
     @model_validator(mode="after")
     def _one_length_and_one_warmup(self) -> TrainingSection:
@@ -346,6 +346,8 @@ class OutputSection(StrictModel):
     @field_validator("dir")
     @classmethod
     def _expand(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty; name the run's directory (it would otherwise be the current one)")
         return os.path.expanduser(value)
 
 

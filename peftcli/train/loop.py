@@ -9,7 +9,9 @@ implements.
 from __future__ import annotations
 
 import math
+import os
 import platform
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from peftcli.data.collate import PadCollator
 from peftcli.data.packing import PackedDataset, padding_share, shuffled
 from peftcli.data.prepare import prepare_data
 from peftcli.data.sampler import LengthGroupedSampler
-from peftcli.errors import PeftCliError
+from peftcli.errors import OutputError, PeftCliError
 from peftcli.launch.presets import Engine
 from peftcli.models.experts import experts_left_out
 from peftcli.models.load import (
@@ -53,20 +55,25 @@ from peftcli.train.fast_path import (
 from peftcli.train.head_loss import HeadUnsupported, OutputHead
 from peftcli.train.objective import Objective, TaskObjective
 from peftcli.train.optim import LearningRateSchedule, build_optimizer
+from peftcli.train.preemption import RunStopped, StopRequest
 from peftcli.train.run_dir import (
     METRICS_FILE,
     RECIPE_FILE,
     SAMPLES_FILE,
+    TRAINER_STATE,
     append_jsonl,
     check_output_dir,
     checkpoint_path,
     clear_run_dir,
     list_checkpoints,
+    mark_incomplete,
     prune_checkpoints,
     read_jsonl,
     read_trainer_state,
+    run_lock,
     write_jsonl,
     write_summary,
+    write_text_atomic,
     write_trainer_state,
 )
 from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
@@ -125,7 +132,7 @@ class Run:
 
     recipe: Recipe
     out_dir: Path
-    mode: str  # "new", "overwrite" or "resume" (see check_output_dir)
+    mode: str  # "new", "overwrite", "resume" or "restart" (see check_output_dir)
     accelerator: Any
     engine: Engine
     tokenizer: Any
@@ -161,8 +168,18 @@ class Run:
 
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, reporter: Reporter | None = None) -> dict:
-    """Run a recipe; returns the run summary (also written to summary.json)."""
-    reporter = reporter or SilentReporter()
+    """Run a recipe; returns the run summary (also written to summary.json). A stop signal ends it after the
+    current step with a checkpoint and `RunStopped` (train/preemption.py)."""
+    reporter, stop = reporter or SilentReporter(), StopRequest()
+    # One writer per run directory, held from before anything loads; the first process holds it for all.
+    first = os.environ.get("RANK", "0") in ("", "0")
+    with run_lock(Path(recipe.output.dir)) if first else nullcontext() as note, stop.listening():
+        if note:
+            reporter.message(f"note: {note}")
+        return _train(recipe, resume, overwrite, reporter, stop)
+
+
+def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter, stop: StopRequest) -> dict:
     run = set_up(recipe, resume, overwrite, reporter)
     training = recipe.training
     evaluation = Evaluation(run, reporter)
@@ -175,6 +192,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     run.model.train()
     started = time.perf_counter() - run.state.elapsed
     while run.state.step < run.total_steps:
+        if _stop_agreed(run, stop):
+            raise _stopped_with_checkpoint(run, stop)
         record = optimizer_step(run, stream, started)
         step = run.state.step
         if step % training.log_every == 0 or step == run.total_steps:
@@ -282,7 +301,9 @@ def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool):
         rows = train.lengths()
         how, padding = "packed", padding_share(rows, batch, shuffled(len(rows), seed))
     elif recipe.data.group_by_length:
-        sampler = LengthGroupedSampler(lengths, batch, seed)
+        # Grouped by the batch of all processes together: accelerate hands its consecutive per-device parts
+        # to the processes, so a step sees the same examples whatever the number of processes.
+        sampler = LengthGroupedSampler(lengths, batch * accelerator.num_processes, seed)
         train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler, collate_fn=collator)
         how, padding = "length-grouped", padding_share(lengths, batch, list(sampler))
     else:
@@ -387,13 +408,11 @@ def _check_fast_paths(run: Run, packed: PackedDataset | None, reporter: Reporter
 
 
 def _start_or_resume(run: Run, reporter: Reporter) -> None:
-    """A new run writes its recipe; a resumed one loads its newest checkpoint and forgets later metrics."""
+    """A new run writes its recipe; a resumed one loads its newest loadable checkpoint and forgets later
+    metrics."""
     out_dir, recipe = run.out_dir, run.recipe
     if run.mode == "resume":
-        _, ckpt = list_checkpoints(out_dir)[-1]
-        with fsdp_adapter_checkpoints(run.engine.kind == "fsdp"):
-            run.accelerator.load_state(str(ckpt), **({"load_module_strict": False} if run.deepspeed else {}))
-        run.state = LoopState(**read_trainer_state(ckpt))
+        ckpt = _load_newest_checkpoint(run, reporter)
         if run.main:  # what the interrupted run logged after its last checkpoint is redone
             metrics = out_dir / METRICS_FILE
             write_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("step", 0) <= run.state.step])
@@ -402,11 +421,33 @@ def _start_or_resume(run: Run, reporter: Reporter) -> None:
         if changed:
             reporter.message(f"note: the recipe differs from the run's {RECIPE_FILE} in {', '.join(changed)}")
     elif run.main:
-        if run.mode == "overwrite":
+        if run.mode == "restart":
+            reporter.message(f"{out_dir} stopped before its first complete checkpoint: starting it again")
+        if run.mode in ("overwrite", "restart"):
             clear_run_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        write_text_atomic(out_dir / RECIPE_FILE, recipe_to_yaml(recipe))
     run.accelerator.wait_for_everyone()
+
+
+def _load_newest_checkpoint(run: Run, reporter: Reporter) -> Path:
+    """Load the newest checkpoint that reads back whole; a damaged one is skipped with a warning."""
+    problems = []
+    for _, ckpt in reversed(list_checkpoints(run.out_dir)):
+        try:
+            state = LoopState(**read_trainer_state(ckpt))
+            with fsdp_adapter_checkpoints(run.engine.kind == "fsdp"):
+                run.accelerator.load_state(str(ckpt), **({"load_module_strict": False} if run.deepspeed else {}))
+        except Exception as exc:  # a torn or truncated file: any reader's error means the same
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reporter.message(f"warning: checkpoint {ckpt} cannot be read ({problem}); trying the one before it")
+            problems.append(f"{ckpt.name} ({problem})")
+            continue
+        run.state = state
+        return ckpt
+    raise OutputError(
+        f"output.dir: {run.out_dir}: no checkpoint can be read: {'; '.join(problems)}; pass --overwrite to start again"
+    )
 
 
 def _flatten(data, prefix: str = "") -> dict:
@@ -515,6 +556,9 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
 def save_checkpoint(run: Run) -> None:
     """What a resume needs: the adapter, optimizer and data position; older checkpoints pruned."""
     ckpt = checkpoint_path(run.out_dir, run.state.step)
+    if run.main:
+        mark_incomplete(ckpt)
+    run.accelerator.wait_for_everyone()
     # DeepSpeed writes its engine's checkpoint; without the frozen base it is the adapter's size
     with fsdp_adapter_checkpoints(run.engine.kind == "fsdp"):  # FSDP2: the adapter's shards, not the base's
         run.accelerator.save_state(str(ckpt), **({"exclude_frozen_parameters": True} if run.deepspeed else {}))
@@ -522,6 +566,24 @@ def save_checkpoint(run: Run) -> None:
         write_trainer_state(ckpt, vars(run.state))
         prune_checkpoints(run.out_dir, run.recipe.training.keep_checkpoints)
     run.accelerator.wait_for_everyone()
+
+
+def _stop_agreed(run: Run, stop: StopRequest) -> bool:
+    """Whether any process was asked to stop: all of them must stop at the same step to checkpoint together."""
+    asked = stop.signal is not None
+    if run.world == 1:
+        return asked
+    flag = torch.tensor([float(asked)], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, "max").item())
+
+
+def _stopped_with_checkpoint(run: Run, stop: StopRequest) -> RunStopped:
+    """Write the checkpoint a stop needs (unless this step has one) and the error that ends the run."""
+    ckpt = checkpoint_path(run.out_dir, run.state.step)
+    if not (ckpt / TRAINER_STATE).is_file():
+        save_checkpoint(run)
+    number = stop.signal if stop.signal is not None else signal.SIGTERM  # asked on another process
+    return RunStopped(number, run.state.step, run.total_steps, ckpt)
 
 
 # --- evaluation and the end of the run --------------------------------------------------------------------------

@@ -44,6 +44,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "spiece.model",
 )
+LOCK_FILE = ".peftcli.lock"  # held by the one `peft train` writing the directory
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -123,13 +124,32 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a hidden temporary beside it, flushed, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 def write_trainer_state(checkpoint_dir: Path, state: dict) -> None:
-    """The loop's own counters; written last, so its presence marks a complete checkpoint."""
-    (checkpoint_dir / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    """The loop's own counters; written last and atomically, so its presence marks a complete checkpoint."""
+    write_text_atomic(checkpoint_dir / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+
+
+def mark_incomplete(checkpoint_dir: Path) -> None:
+    """Before a checkpoint directory is (re)written: it is not complete until its new state is."""
+    (checkpoint_dir / TRAINER_STATE).unlink(missing_ok=True)
 
 
 def read_trainer_state(checkpoint_dir: Path) -> dict:
@@ -220,18 +240,24 @@ def is_run_dir(path: Path) -> bool:
 
 
 def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> str:
-    """Decide what to do with the output directory without touching it: 'new', 'resume' or 'overwrite'."""
+    """Decide what to do with the output directory without touching it: 'new', 'resume', 'overwrite', or
+    'restart' (--resume of a run that stopped before its first complete checkpoint: it starts again)."""
     if resume and overwrite:
         raise OutputError("--resume and --overwrite exclude each other: resume continues a run, overwrite replaces it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output.dir: {out_dir} exists and is not a directory")
-    empty = not out_dir.exists() or not any(out_dir.iterdir())
+    empty = not out_dir.exists() or not any(p.name != LOCK_FILE for p in out_dir.iterdir())
     if resume:
         if list_checkpoints(out_dir):
             return "resume"
         if empty:
             return "new"  # nothing to resume yet: a preemptible job's first start
-        raise OutputError(f"output.dir: {out_dir} has no checkpoint to resume (set training.save_every to make them)")
+        if is_run_dir(out_dir):
+            return "restart"  # stopped before its first complete checkpoint: start it again from the beginning
+        raise OutputError(
+            f"output.dir: {out_dir} has no checkpoint to resume and is not a peftcli run directory; refusing to "
+            "touch it, choose another output.dir"
+        )
     if empty:
         return "new"
     if not overwrite:
@@ -247,8 +273,10 @@ def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> str:
 
 
 def clear_run_dir(out_dir: Path) -> None:
-    """Remove an earlier run's files (only called after check_output_dir said 'overwrite')."""
+    """Remove an earlier run's files (only called after check_output_dir said 'overwrite' or 'restart')."""
     for child in out_dir.iterdir():
+        if child.name == LOCK_FILE:
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -259,3 +287,78 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
     for _, path in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# --- one writer at a time ---------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+@contextmanager
+def run_lock(out_dir: Path) -> Iterator[str | None]:
+    """Hold the run directory for one `peft train` while it lasts; yields a note when a stale lock was taken over.
+
+    The lock is a file created exclusively, holding the holder's pid, host and start time. A lock whose process
+    is gone (same host) is stale and taken over; one from another host cannot be checked and is refused with
+    what to do. A directory created only to hold the lock is removed again if the run leaves it empty.
+    """
+    import socket
+    import time
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output.dir: {out_dir} exists and is not a directory")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"output.dir: {out_dir} cannot be created ({exc.strerror}); choose a writable place"
+        ) from None
+    lock = out_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    note = None
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                note = f"took over the lock of a run that is gone (pid {holder['pid']}, since {holder.get('started')})"
+                continue
+            who = (
+                f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+                if holder
+                else "an unreadable lock"
+            )
+            raise OutputError(
+                f"output.dir: {out_dir} is in use by another peft train ({who}); wait for it, or choose another "
+                f"output.dir (if that run is gone, delete {lock})"
+            ) from None
+        except OSError as exc:
+            raise OutputError(f"output.dir: {out_dir} is not writable ({exc.strerror}); choose another place") from None
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield note
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _read_lock(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # being written this instant, or damaged: treated as held
+    return holder if isinstance(holder, dict) else {}

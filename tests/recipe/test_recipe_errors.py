@@ -356,3 +356,48 @@ def test_every_shipped_recipe_validates() -> None:
         except PeftCliError as error:
             failures.extend(error.lines())
     assert not failures, "\n".join(failures)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path, recipe: dict) -> None:
+    text = write_recipe(tmp_path / "r.yaml", recipe).read_text()
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + "method:\n  name: ia3\n")
+    with pytest.raises(PeftCliError) as info:
+        load_recipe(path)
+    line = str(info.value)
+    assert line.startswith(f"{path}:") and "key 'method' appears twice in one mapping (first on line" in line
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(text.replace("  r: 4\n", "  r: 4\n  r: 8\n"))
+    with pytest.raises(PeftCliError, match="key 'r' appears twice"):
+        load_recipe(nested)
+
+
+def test_a_recipe_that_is_not_utf8_names_the_byte(tmp_path: Path, recipe: dict) -> None:
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:10] + b"\xe9" + raw[10:])
+    with pytest.raises(PeftCliError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: the recipe is not UTF-8 text (byte 0xe9 at offset 10); save it as UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("training", "learning_rate", float("inf"), "training.learning_rate: inf is not a finite number"),
+        ("training", "weight_decay", float("nan"), "training.weight_decay: nan is not a finite number"),
+        ("training", "seed", 2**40, "training.seed:"),
+        ("output", "dir", "", "output.dir:"),
+    ],
+)
+def test_numbers_and_paths_that_cannot_work(tmp_path, recipe, section, key, value, expected) -> None:
+    recipe[section][key] = value
+    line = only_problem(write_recipe(tmp_path / "r.yaml", recipe))
+    assert expected in line, line
+
+
+def test_an_output_dir_that_expands_to_nothing_is_refused(tmp_path, recipe, monkeypatch) -> None:
+    monkeypatch.delenv("PEFTCLI_TEST_EMPTY", raising=False)
+    recipe["output"]["dir"] = "${PEFTCLI_TEST_EMPTY:-}"
+    line = only_problem(write_recipe(tmp_path / "r.yaml", recipe))
+    assert "output.dir: empty; name the run's directory" in line, line

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftcli.errors import PeftCliError
 from peftcli.recipe.load import validate_recipe_dict
 from peftcli.train.loop import SilentReporter, train
 from peftcli.train.run_dir import list_checkpoints
@@ -215,3 +216,70 @@ def test_compiled_layers_train_as_the_plain_ones(tmp_path, tiny_model_dir, copy_
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max().item() < 3e-4, key
+
+
+def _adapters_equal(a_dir, b_dir, atol: float = 1e-6) -> None:
+    a = load_file(str(a_dir / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
+
+
+_SHORT = dict(
+    data={"validation": None},
+    training={"max_steps": 8, "batch_size": 4, "save_every": 2, "keep_checkpoints": 2, "eval_at_start": False},
+)
+
+
+def test_resume_before_the_first_checkpoint_starts_the_run_again(tmp_path, tiny_model_dir, copy_data):
+    sections = {**_SHORT, "training": {**_SHORT["training"], "save_every": 4}}
+    train(_recipe(tmp_path / "a", tiny_model_dir, copy_data, **sections))
+    broken = _recipe(tmp_path / "b", tiny_model_dir, copy_data, **sections)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, reporter=_StopAfter(2))  # preempted before step 4's checkpoint
+    assert list_checkpoints(tmp_path / "b" / "run") == []
+    summary = train(broken, resume=True)
+    assert summary["steps"] == 8
+    _adapters_equal(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the first attempt's steps were cleared with it
+
+
+@pytest.mark.parametrize("damage", ["torn-state", "truncated-weights"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_model_dir, copy_data, damage):
+    train(_recipe(tmp_path / "a", tiny_model_dir, copy_data, **_SHORT))
+    broken = _recipe(tmp_path / "b", tiny_model_dir, copy_data, **_SHORT)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, reporter=_StopAfter(7))
+    checkpoints = list_checkpoints(tmp_path / "b" / "run")
+    assert [step for step, _ in checkpoints] == [4, 6]
+    newest = checkpoints[-1][1]
+    if damage == "torn-state":
+        state = newest / "trainer_state.json"
+        state.write_text(state.read_text()[:20])
+    else:
+        weights = next(newest.rglob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+
+    messages = []
+
+    class Recorder(SilentReporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    summary = train(broken, resume=True, reporter=Recorder())
+    assert summary["steps"] == 8
+    assert any(m.startswith(f"warning: checkpoint {newest} cannot be read") for m in messages), messages
+    assert any("resuming from" in m and m.split()[2].endswith("step-0000004") for m in messages), messages
+    _adapters_equal(tmp_path / "a" / "run", tmp_path / "b" / "run")
+
+
+def test_no_readable_checkpoint_is_an_error_that_says_so(tmp_path, tiny_model_dir, copy_data):
+    broken = _recipe(tmp_path, tiny_model_dir, copy_data, **_SHORT)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(broken, reporter=_StopAfter(3))
+    for _, ckpt in list_checkpoints(tmp_path / "run"):
+        (ckpt / "trainer_state.json").write_text("{")
+    with pytest.raises(PeftCliError, match=r"no checkpoint can be read: step-0000002 \(JSONDecodeError"):
+        train(broken, resume=True)

@@ -1,0 +1,91 @@
+"""One `peft train` per run directory: a second one is refused naming the holder, a lock left by a process
+that is gone is taken over, and a run that fails before it starts leaves no directory behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peftcli.errors import OutputError
+from peftcli.recipe.load import validate_recipe_dict
+from peftcli.train.loop import SilentReporter, train
+from peftcli.train.run_dir import LOCK_FILE, run_lock
+
+from support import make_recipe, run_cli, write_recipe
+
+
+def test_a_second_run_on_the_same_directory_is_refused_while_the_first_goes_on(tmp_path, tiny_model_dir, copy_data):
+    out = tmp_path / "run"
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 60, "batch_size": 2})
+    first_file = write_recipe(tmp_path / "first.yaml", recipe)
+    second_file = write_recipe(tmp_path / "second.yaml", {**recipe, "training": {**recipe["training"], "seed": 7}})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "peftcli", "train", str(first_file)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / LOCK_FILE).is_file():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = run_cli("train", str(second_file))
+    _, first_err = first.communicate(timeout=600)
+
+    assert second.returncode == 2, second.stderr
+    line = [ln for ln in second.stderr.splitlines() if ln.startswith("error: ")][-1]
+    assert f"output.dir: {out} is in use by another peft train (pid {first.pid} on {socket.gethostname()}" in line
+    assert first.returncode == 0, first_err
+    assert not (out / LOCK_FILE).exists()
+    saved = (out / "recipe.yaml").read_text()
+    assert "seed: 42" in saved  # the first run's recipe, untouched by the second
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 61))  # one run's, not two
+
+
+def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(tmp_path, tiny_model_dir, copy_data):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = {"pid": gone.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+    (out / LOCK_FILE).write_text(json.dumps(holder))
+    messages = []
+
+    class Recorder(SilentReporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, training={"max_steps": 1})
+    summary = train(validate_recipe_dict(recipe, "test.yaml"), reporter=Recorder())
+    assert summary["steps"] == 1
+    assert f"note: took over the lock of a run that is gone (pid {gone.pid}, since 2026-01-01 00:00:00)" in messages
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_lock_from_another_host_is_refused_with_what_to_do(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = {"pid": 1, "host": "some-other-machine", "started": "2026-01-01 00:00:00"}
+    (out / LOCK_FILE).write_text(json.dumps(holder))
+    with (
+        pytest.raises(
+            OutputError, match=rf"pid 1 on some-other-machine.*if that run is gone, delete {out / LOCK_FILE}"
+        ),
+        run_lock(out),
+    ):
+        pass
+    assert (out / LOCK_FILE).is_file()  # someone else's lock is never removed
+
+
+def test_a_run_refused_before_it_starts_leaves_no_directory(tmp_path, tiny_model_dir, copy_data):
+    out = tmp_path / "new" / "run"
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, output={"dir": str(out)})
+    recipe["data"]["train"]["columns"] = {"prompt": "no_such_column"}
+    with pytest.raises(Exception, match="no_such_column"):
+        train(validate_recipe_dict(recipe, "test.yaml"))
+    assert not out.exists()
