@@ -37,6 +37,12 @@ def train(
     overrides = [*overrides, *(f"launch.{key}={value}" for key, value in flags.items() if value is not None)]
     recipe = load_recipe(recipe_file, overrides)
     mode = check_output_dir(Path(recipe.output.dir), resume, overwrite)
+    if mode == "resume":  # a change the checkpoint cannot follow is refused before anything starts
+        from peftcli.recipe.load import recipe_to_dict
+        from peftcli.train.resume_rules import check_resume_changes
+        from peftcli.train.run_dir import RECIPE_FILE
+
+        check_resume_changes(Path(recipe.output.dir) / RECIPE_FILE, recipe_to_dict(recipe))
     if dry_run:
         print_plan(recipe, mode)
         return

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 import peftcli
@@ -56,6 +55,7 @@ from peftcli.train.head_loss import HeadUnsupported, OutputHead
 from peftcli.train.objective import Objective, TaskObjective
 from peftcli.train.optim import LearningRateSchedule, build_optimizer
 from peftcli.train.preemption import RunStopped, StopRequest
+from peftcli.train.resume_rules import check_resume_changes
 from peftcli.train.run_dir import (
     METRICS_FILE,
     RECIPE_FILE,
@@ -219,6 +219,8 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
 
     out_dir = Path(recipe.output.dir)
     mode = check_output_dir(out_dir, resume, overwrite)  # before any work: a refused directory costs nothing
+    if mode == "resume":
+        check_resume_changes(out_dir / RECIPE_FILE, recipe_to_dict(recipe))
     accelerator, engine, whole_base = _accelerator(recipe)
     capable = get_tuner(recipe.method.name).capabilities.packing
     packing = packing_wanted(recipe, capable, planned_attention(recipe.model))
@@ -417,7 +419,7 @@ def _start_or_resume(run: Run, reporter: Reporter) -> None:
             metrics = out_dir / METRICS_FILE
             write_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("step", 0) <= run.state.step])
         reporter.message(f"resuming from {ckpt} (step {run.state.step} of {run.total_steps})")
-        changed = _changed_keys(out_dir / RECIPE_FILE, recipe)
+        changed = check_resume_changes(out_dir / RECIPE_FILE, recipe_to_dict(recipe))
         if changed:
             reporter.message(f"note: the recipe differs from the run's {RECIPE_FILE} in {', '.join(changed)}")
     elif run.main:
@@ -448,24 +450,6 @@ def _load_newest_checkpoint(run: Run, reporter: Reporter) -> Path:
     raise OutputError(
         f"output.dir: {run.out_dir}: no checkpoint can be read: {'; '.join(problems)}; pass --overwrite to start again"
     )
-
-
-def _flatten(data, prefix: str = "") -> dict:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    flat = {}
-    for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def _changed_keys(saved_recipe: Path, recipe: Recipe) -> list[str]:
-    """Dotted keys whose value differs between a run's saved recipe and the one resuming it."""
-    if not saved_recipe.is_file():
-        return []
-    old = _flatten(yaml.safe_load(saved_recipe.read_text(encoding="utf-8")))
-    new = _flatten(recipe_to_dict(recipe))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
 # --- one optimizer step ---------------------------------------------------------------------------------------

@@ -283,3 +283,29 @@ def test_no_readable_checkpoint_is_an_error_that_says_so(tmp_path, tiny_model_di
         (ckpt / "trainer_state.json").write_text("{")
     with pytest.raises(PeftCliError, match=r"no checkpoint can be read: step-0000002 \(JSONDecodeError"):
         train(broken, resume=True)
+
+
+def test_resume_refuses_a_change_the_checkpoint_cannot_follow_and_allows_a_longer_run(
+    tmp_path, tiny_model_dir, copy_data
+):
+    from peftcli.errors import OutputError
+
+    sections = {**_SHORT, "training": {**_SHORT["training"], "max_steps": 4}}
+    train(_recipe(tmp_path, tiny_model_dir, copy_data, **sections))
+    for change in ({"method": {"r": 8}}, {"training": {**sections["training"], "learning_rate": 1e-3}}):
+        changed = _recipe(tmp_path, tiny_model_dir, copy_data, **{**sections, **change})
+        with pytest.raises(
+            OutputError, match=r"--resume: the recipe differs .* in (method\.r|training\.learning_rate),"
+        ):
+            train(changed, resume=True)
+    messages = []
+
+    class Recorder(SilentReporter):
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    longer = _recipe(
+        tmp_path, tiny_model_dir, copy_data, **{**sections, "training": {**sections["training"], "max_steps": 6}}
+    )
+    assert train(longer, resume=True, reporter=Recorder())["steps"] == 6
+    assert any("differs from the run's recipe.yaml in training.max_steps" in m for m in messages), messages
