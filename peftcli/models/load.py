@@ -12,6 +12,7 @@ from torch import nn
 from peftcli.errors import ModelError
 from peftcli.models.hardware import cpu_has_native_bf16
 from peftcli.models.hub import offline_explanation, prepare_hub_access
+from peftcli.models.integrity import check_loaded_weights, check_model_path, check_tokenizer_path
 from peftcli.recipe.schema import ModelSection
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,7 +44,10 @@ def _explain_load_failure(what: str, name: str, exc: Exception) -> ModelError:
     offline = offline_explanation(name)
     if offline is not None:
         return ModelError(offline)
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:" names the error next
+        text = f"{text} {lines[1]}"
     if not os.path.exists(name) and ("offline" in text.lower() or "connect" in text.lower() or "resolve" in text):
         return ModelError(
             f"model.name_or_path: cannot fetch {what} {name!r} from the hub ({text}); "
@@ -66,6 +70,11 @@ def load_tokenizer(section: ModelSection):
     from transformers import AutoTokenizer
 
     name = section.tokenizer or section.name_or_path
+    # Usually the first read of the model directory in a run: a broken one is refused here, before the data.
+    if section.tokenizer:
+        check_tokenizer_path(name)
+    else:
+        check_model_path(name)
     source, extra = _source_kwargs(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -117,6 +126,7 @@ def auto_class(task: str):
 def _load_config(section: ModelSection):
     from transformers import AutoConfig
 
+    check_model_path(section.name_or_path, weights=False)  # a config is enough to plan or list targets
     source, extra = _source_kwargs(section.name_or_path)
     try:
         return AutoConfig.from_pretrained(
@@ -250,9 +260,13 @@ def load_base_model(
     head of another size is replaced by a freshly initialised one. seq_cls models without a pad id in their
     config get `pad_token_id` (default: the recipe tokenizer's).
     """
+    check_model_path(section.name_or_path)
     source, extra = _source_kwargs(section.name_or_path)
     kwargs: dict = {"revision": section.revision, "trust_remote_code": section.trust_remote_code, **extra}
     kwargs["dtype"] = _load_dtype(section)
+    # Mismatched shapes are judged by check_loaded_weights, which names them; transformers' own refusal only
+    # points at a report that our quiet logging hides.
+    kwargs["ignore_mismatched_sizes"] = True
     _quiet_transformers()
     config = _config_unless_gguf(section)
     kwargs["attn_implementation"] = resolve_attention(section, config, kwargs["dtype"])
@@ -261,7 +275,7 @@ def load_base_model(
         _size_head(section, config, num_labels, label_names)
         _set_pad_id(section, config, pad_token_id)
         # The head is the task's own: a checkpoint head of another size (or none) is initialised afresh.
-        kwargs.update(config=config, ignore_mismatched_sizes=True)
+        kwargs["config"] = config
     if section.quantization is not None:
         from peftcli.models.quantize import bitsandbytes_config, kept_in_float
 
@@ -275,11 +289,16 @@ def load_base_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = auto_class(section.task).from_pretrained(source, **kwargs)
+        loaded = auto_class(section.task).from_pretrained(source, output_loading_info=True, **kwargs)
     except Exception as exc:
         if "Unrecognized configuration class" in str(exc):
             raise _no_auto_class(section, _load_config(section)) from None
         raise _explain_load_failure("the model", section.name_or_path, exc) from None
+    # (model, loading info) on every path: plain, device_map, bitsandbytes, GGUF. Remote code may return
+    # the model alone if it overrides from_pretrained; it is then not checked.
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
+    if info is not None:
+        check_loaded_weights(section.name_or_path, section.task, model, info, gguf=bool(extra))
     if extra:
         # A GGUF-loaded model keeps a GGUF quantization config that forbids saving; the weights are plain now.
         if hasattr(model.config, "quantization_config"):
