@@ -41,3 +41,7 @@ class VerificationError(PeftCliError):
     """A written artefact does not reproduce what it was made from (`--verify`); nothing is published."""
 
     exit_code = 1
+
+
+class DiskFullError(OutputError):
+    """A write failed because the disk (or quota) is full; what was half-written has been removed."""

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from peftcli import __version__
+from peftcli.cli import clean as clean_commands
 from peftcli.cli import export as export_commands
 from peftcli.cli import merge as merge_commands
 from peftcli.cli import methods as methods_commands
@@ -32,6 +33,7 @@ app.command("targets")(targets_commands.targets)
 app.command("merge")(merge_commands.merge)
 app.command("export")(export_commands.export)
 app.command("methods")(methods_commands.methods)
+app.command("clean")(clean_commands.clean)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)
 recipe_app.command("schema")(recipe_commands.schema)
@@ -58,10 +60,15 @@ def print_error(error: PeftCliError) -> None:
 
 def main() -> None:
     """Console entry point: user errors exit 2 with one line each; bugs keep their traceback (exit 1)."""
+    from peftcli.interrupts import Interrupted, end_on_signals
     from peftcli.train.preemption import RunStopped
 
+    end_on_signals()
     try:
         app()
+    except Interrupted as interrupted:
+        typer.echo(str(interrupted), err=True)
+        sys.exit(interrupted.exit_code)
     except RunStopped as stopped:  # not an error: the run saved itself on request
         typer.echo(str(stopped), err=True)
         sys.exit(stopped.exit_code)
@@ -71,6 +78,3 @@ def main() -> None:
 
         report_error_to_launcher(error.lines())
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)

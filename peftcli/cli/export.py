@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from peftcli.cli.merge import check_dtype, default_output, report, run_merge
+from peftcli.cli.merge import check_dtype, clean_before_writing, default_output, report, run_merge
 
 
 def export(
@@ -24,6 +24,12 @@ def export(
 
     check_dtype(dtype)
     is_adapter = (source / "adapter_config.json").is_file()
+    if not is_adapter:
+        from peftcli.train.run_dir import unfinished_run
+
+        unfinished = unfinished_run(source)
+        if unfinished:
+            raise PeftCliError(unfinished)
     if fmt == "safetensors":
         if not is_adapter:
             raise PeftCliError(f"{source}: no adapter_config.json; --format safetensors merges a run's adapter")
@@ -39,10 +45,11 @@ def export(
 def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) -> None:
     from peftcli.errors import PeftCliError
     from peftcli.export.peft_format import export_peft
-    from peftcli.train.run_dir import staged_dir
+    from peftcli.train.safe_write import staged_dir
 
     if not is_adapter:
         raise PeftCliError(f"{source}: no adapter_config.json; --format peft exports a run's adapter")
+    clean_before_writing(output)
     with staged_dir(output, overwrite) as tmp:
         export_peft(source, tmp)
     typer.echo(f"wrote the adapter in HF PEFT format with a model card -> {output}")
@@ -55,6 +62,7 @@ def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite:
     if quant not in GGUF_TYPES:
         raise PeftCliError(f"--quant: {quant!r} is not one of {', '.join(GGUF_TYPES)}")
     output = output or source.parent / f"{source.resolve().name}-{quant}.gguf"
+    clean_before_writing(output)
     if output.exists() and not overwrite:
         raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
     if is_adapter:  # merged tensor by tensor straight into the file (fp32, so the GGUF type is the only rounding)

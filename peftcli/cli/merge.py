@@ -60,6 +60,7 @@ def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite, verif
 
     check_dtype(dtype)
     output = output or default_output(adapter_dir, "merged")
+    clean_before_writing(output)
 
     def progress(done: int, total: int) -> None:
         typer.echo(f"merged shard {done}/{total}", err=True)
@@ -71,6 +72,14 @@ def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite, verif
         adapter_dir, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         progress=progress, check=check if verify else None,
     )  # fmt: skip
+
+
+def clean_before_writing(output: Path) -> None:
+    """Remove (and say) what an interrupted earlier merge or export of `output` left beside it."""
+    from peftcli.train.safe_write import clean_leftovers
+
+    for note in clean_leftovers(output):
+        typer.echo(f"note: {note}", err=True)
 
 
 def report(result) -> None:

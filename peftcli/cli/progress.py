@@ -16,8 +16,8 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
 
 
-def print_plan(recipe: Recipe, mode: str) -> None:
-    """The dry-run plan: what would be loaded, trained and written."""
+def print_plan(recipe: Recipe, mode: str, adapted: str | None = None) -> None:
+    """The dry-run plan: what would be loaded, trained and written (`adapted`: what the method matched)."""
     console = Console()
     t = recipe.training
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -26,6 +26,8 @@ def print_plan(recipe: Recipe, mode: str) -> None:
     )
     params = recipe.method.model_dump(exclude={"name"})
     table.add_row("method", f"{recipe.method.name} " + ", ".join(f"{k}={v}" for k, v in params.items()))
+    if adapted:
+        table.add_row("adapts", adapted)
     train_src = recipe.data.train
     table.add_row(
         "train data",

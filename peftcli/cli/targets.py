@@ -20,16 +20,10 @@ def targets(
     from rich.table import Table
 
     from peftcli.models.experts import experts_left_out
-    from peftcli.models.load import build_empty_model
     from peftcli.recipe.load import load_recipe
-    from peftcli.tuners.adapter import apply_adapter
-    from peftcli.tuners.protocol import AdapterContext
 
     recipe = load_recipe(recipe_file, overrides)
-    labels = [str(label) for label in recipe.data.labels] if recipe.data.labels else None
-    model = build_empty_model(recipe.model, **({"label_names": labels} if labels else {}))
-    context = AdapterContext(task=recipe.model.task, total_steps=recipe.training.max_steps)
-    info = apply_adapter(model, recipe.method, context)
+    model, info = adapt_empty_model(recipe)
     console = Console()
     table = Table("module", "matched", box=None)
     adapted = [*info.targeted, *info.targeted_parameters]
@@ -51,3 +45,24 @@ def targets(
     note = experts_left_out(model, [*info.param_names, *info.targeted_parameters])
     if note:
         console.print(f"note: {note}", highlight=False, markup=False)
+
+
+def adapt_empty_model(recipe):
+    """The recipe's model on the meta device (from its config alone) with the method applied: a target that
+    matches nothing fails here, as it would in training."""
+    from peftcli.models.load import build_empty_model
+    from peftcli.tuners.adapter import apply_adapter
+    from peftcli.tuners.protocol import AdapterContext
+
+    labels = [str(label) for label in recipe.data.labels] if recipe.data.labels else None
+    model = build_empty_model(recipe.model, **({"label_names": labels} if labels else {}))
+    context = AdapterContext(task=recipe.model.task, total_steps=recipe.training.max_steps)
+    return model, apply_adapter(model, recipe.method, context)
+
+
+def adapted_summary(recipe) -> str:
+    """One line for the dry-run plan: what the method adapts, checked against the model's config."""
+    model, info = adapt_empty_model(recipe)
+    trainable = info.trainable_count(model)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{len(info.targeted)} modules, {trainable:,} trainable parameters ({trainable / max(1, total):.3%})"

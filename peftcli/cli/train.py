@@ -44,7 +44,9 @@ def train(
 
         check_resume_changes(Path(recipe.output.dir) / RECIPE_FILE, recipe_to_dict(recipe))
     if dry_run:
-        print_plan(recipe, mode)
+        from peftcli.cli.targets import adapted_summary
+
+        print_plan(recipe, mode, adapted_summary(recipe))  # unknown target modules are refused here
         return
 
     from peftcli.launch.run import accelerate_command, adopt_slurm_environment, outside_launcher, run_launcher

@@ -18,7 +18,7 @@ import numpy as np
 
 from peftcli.errors import PeftCliError
 from peftcli.export.gguf_tokenizer import add_tokenizer
-from peftcli.train.run_dir import staged_file
+from peftcli.train.safe_write import check_space, staged_file
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Both use llama.cpp's "llama" architecture: same tensors, same maths.
@@ -148,11 +148,12 @@ def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quan
         raise PeftCliError(f"{out_file} already exists; pass --overwrite to replace it")
     tensors, n_vocab = _plan_tensors(shapes, config, quant, str(tokenizer_dir))
 
+    sizes = [math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype)) for t in tensors]
+    check_space(out_file, sum(sizes))
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[_llama_cpp_arch(config)])
     _add_hparams(writer, config, name, n_vocab, quant)
     add_tokenizer(writer, tokenizer_dir, n_vocab)
-    for t in tensors:
-        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype))
+    for t, nbytes in zip(tensors, sizes, strict=True):
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
 
     with staged_file(out_file, overwrite) as tmp:

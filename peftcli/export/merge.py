@@ -20,7 +20,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from peftcli.errors import AdapterError, ModelError, PeftCliError
@@ -29,14 +28,15 @@ from peftcli.export.safetensors_stream import OutputTensor, ShardSetWriter, spli
 from peftcli.models.experts import checkpoint_rows
 from peftcli.models.load import DTYPES, build_empty_model, is_gguf
 from peftcli.recipe.schema import ModelSection
-from peftcli.train.run_dir import TOKENIZER_FILES, label_names, model_section, staged_dir, trained_quantized
+from peftcli.train.run_dir import TOKENIZER_FILES, label_names, model_section, trained_quantized
+from peftcli.train.safe_write import check_space, staged_dir
 from peftcli.tuners.adapter import (
-    WEIGHTS_NAME,
     adapter_task,
     apply_adapter,
     load_adapter_tensors,
     merge_refusal,
     read_adapter_config,
+    read_adapter_weights,
 )
 from peftcli.tuners.inject import unwrapped_name
 from peftcli.tuners.protocol import AdapterContext, AdapterLayer
@@ -436,9 +436,7 @@ def open_merge(adapter_dir: str | Path, base: str | None = None, dtype: str = "b
     spec = get_tuner(method)
     if not spec.capabilities.mergeable:
         raise AdapterError(merge_refusal(method))
-    weights = adapter_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    adapter = read_adapter_weights(adapter_dir)
     section = model_section(adapter_dir, base)
     task = adapter_task(raw)
     if section.task != task:
@@ -448,7 +446,6 @@ def open_merge(adapter_dir: str | Path, base: str | None = None, dtype: str = "b
 
     skeleton = build_skeleton(section, labels)
     info = apply_adapter(skeleton, params, AdapterContext(task=task))
-    adapter = load_file(str(weights))
     named = dict(skeleton.named_parameters())
     for name in info.param_names:  # trained tensors get real storage before the adapter is copied in
         named[name].data = torch.zeros(named[name].shape, dtype=named[name].dtype)
@@ -523,6 +520,7 @@ def merge_adapter_dir(
     limit = parse_size(max_shard_size) if max_shard_size else max(largest, 1 << 30)
     layout = [_output_tensor(key, source, out_dtype) for key in source.output_keys()]
     try:
+        check_space(output, sum(t.nbytes for t in layout))
         with staged_dir(output, overwrite) as tmp:
             writer = _open_writer(tmp, layout, limit)
             for key, value in source.stream(progress):

@@ -14,7 +14,7 @@ import yaml
 
 from peftcli.errors import AdapterError
 from peftcli.train.run_dir import TOKENIZER_FILES, read_recipe, read_summary
-from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
 from peftcli.tuners.registry import all_tuners, get_tuner
 
 
@@ -97,8 +97,7 @@ def export_peft(adapter_dir: Path, out: Path) -> None:
             f"method {method} has no HF PEFT format (HF PEFT has {hf}); {what} instead, or use the run "
             "directory as it is"
         )
-    if not (adapter_dir / WEIGHTS_NAME).is_file():
-        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    read_adapter_weights(adapter_dir)  # a damaged file is refused, not copied along
     shutil.copy2(adapter_dir / CONFIG_NAME, out / CONFIG_NAME)
     shutil.copy2(adapter_dir / WEIGHTS_NAME, out / WEIGHTS_NAME)
     for name in TOKENIZER_FILES:

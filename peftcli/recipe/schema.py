@@ -293,7 +293,9 @@ class TrainingSection(StrictModel):
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1).")
     batch_size: int = Field(4, gt=0, description="Examples per device per micro-step.")
     gradient_accumulation: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0)
+    # Every optimizer here is AdamW, which moves each weight by about the learning rate per step: above 10 a
+    # run diverges at once (and above 3.4e38 the rate does not even fit in fp32).
+    learning_rate: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW beta1, beta2.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = Field(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import signal
 import time
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from peftcli.data.collate import PadCollator
 from peftcli.data.packing import PackedDataset, padding_share, shuffled
 from peftcli.data.prepare import prepare_data
 from peftcli.data.sampler import LengthGroupedSampler
-from peftcli.errors import OutputError, PeftCliError
+from peftcli.errors import ModelError, OutputError, PeftCliError
 from peftcli.launch.presets import Engine
 from peftcli.models.experts import experts_left_out
 from peftcli.models.load import (
@@ -65,17 +66,19 @@ from peftcli.train.run_dir import (
     check_output_dir,
     checkpoint_path,
     clear_run_dir,
+    disk_full_error,
     list_checkpoints,
     mark_incomplete,
     prune_checkpoints,
     read_jsonl,
     read_trainer_state,
+    remove_partial_outputs,
     run_lock,
     write_jsonl,
     write_summary,
-    write_text_atomic,
     write_trainer_state,
 )
+from peftcli.train.safe_write import out_of_space, write_text_atomic
 from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
@@ -171,12 +174,21 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
     """Run a recipe; returns the run summary (also written to summary.json). A stop signal ends it after the
     current step with a checkpoint and `RunStopped` (train/preemption.py)."""
     reporter, stop = reporter or SilentReporter(), StopRequest()
+    out_dir = Path(recipe.output.dir)
     # One writer per run directory, held from before anything loads; the first process holds it for all.
     first = os.environ.get("RANK", "0") in ("", "0")
-    with run_lock(Path(recipe.output.dir)) if first else nullcontext() as note, stop.listening():
+    # Signals are heard from before the lock is taken: a stop during loading ends with a step-0 checkpoint.
+    with stop.listening(), run_lock(out_dir) if first else nullcontext() as note:
         if note:
             reporter.message(f"note: {note}")
-        return _train(recipe, resume, overwrite, reporter, stop)
+        try:
+            return _train(recipe, resume, overwrite, reporter, stop)
+        except Exception as exc:
+            if not out_of_space(exc, out_dir):
+                raise
+            # A full disk: what was half-written goes, the last complete checkpoint stays resumable.
+            removed = remove_partial_outputs(out_dir) if first and out_dir.is_dir() else []
+            raise disk_full_error(out_dir, removed) from None
 
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter, stop: StopRequest) -> dict:
@@ -338,7 +350,17 @@ def _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data,
     with whole_weights(accelerator, engine, whole_base):
         model = load_base_model(recipe.model, **placement, **({"label_names": label_names} if label_names else {}))
         context = AdapterContext(task=recipe.model.task, tokenizer=tokenizer, total_steps=total_steps)
-        info = apply_adapter(model, recipe.method, context)
+        try:
+            info = apply_adapter(model, recipe.method, context)
+        except (RuntimeError, MemoryError) as exc:  # torch reports a failed allocation as a RuntimeError
+            if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+                raise
+            asked = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f": one of its tensors needs {int(asked[1]) / 1e9:,.1f} GB" if asked else ""
+            raise ModelError(
+                f"method: the {recipe.method.name} adapter does not fit in memory{size}; lower its size (method.r, "
+                "or the method's size setting)"
+            ) from None
     if recipe.training.activation_checkpointing:
         enable_activation_checkpointing(model)
     if recipe.training.compile:
@@ -522,7 +544,10 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
     state.label_tokens += int(counts[0])
     state.elapsed = time.perf_counter() - started
     if not math.isfinite(value):
-        raise RuntimeError(f"loss became {value} at step {state.step}; lower training.learning_rate")
+        raise PeftCliError(
+            f"training.learning_rate: the loss became {value} at step {state.step}; lower training.learning_rate "
+            "(or method.alpha, or look for extreme values in the data)"
+        )
     return {
         "type": "train",
         "step": state.step,

@@ -37,8 +37,14 @@ class StopRequest:
         self.signal: int | None = None
 
     def _handle(self, number: int, _frame) -> None:
-        if self.signal == signal.SIGINT and number == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now, without the checkpoint
+        if self.signal == signal.SIGINT and number == signal.SIGINT:  # asked twice: stop now, without the checkpoint
+            from peftcli.interrupts import Interrupted
+
+            raise Interrupted(
+                number,
+                "interrupted by a second Ctrl-C: stopped at once, without a checkpoint; "
+                "--resume continues from the last one",
+            )
         if self.signal is None:
             self.signal = number
 

@@ -12,18 +12,19 @@ exported outputs appear whole or not at all).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import yaml
 
-from peftcli.errors import OutputError, PeftCliError
+from peftcli.errors import DiskFullError, OutputError, PeftCliError
+from peftcli.train.safe_write import describe, me, no_space_message, read_holder, write_text_atomic
 
 RECIPE_FILE = "recipe.yaml"
 SUMMARY_FILE = "summary.json"
@@ -92,7 +93,20 @@ def model_section(run_dir: Path, base: str | None = None):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         source = "--base" if base is not None and where == "name_or_path" else f"{run_dir / RECIPE_FILE}: model.{where}"
-        raise PeftCliError(f"{source}: {first['msg'].removeprefix('Value error, ')}") from None
+        moved = "; if the base model moved, pass --base PATH" if base is None and where == "name_or_path" else ""
+        raise PeftCliError(f"{source}: {first['msg'].removeprefix('Value error, ')}{moved}") from None
+
+
+def unfinished_run(run_dir: Path) -> str | None:
+    """What to say of a run directory that has no final adapter yet (None if it is not one)."""
+    if not is_run_dir(run_dir) or (run_dir / SUMMARY_FILE).is_file():
+        return None
+    checkpoints = list_checkpoints(run_dir)
+    newest = f"its newest checkpoint is {checkpoints[-1][1].name}" if checkpoints else "it has no checkpoint yet"
+    return (
+        f"{run_dir}: this run has not finished ({newest}); continue it with the same peft train command and "
+        "--resume, then merge or export the finished run"
+    )
 
 
 def label_names(run_dir: Path) -> list[str] | None:
@@ -113,29 +127,20 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a jsonl file; [] when it does not exist."""
+    """Every record of a jsonl file; [] when it does not exist. A last line cut short (a run killed mid-write)
+    is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    with suppress(json.JSONDecodeError):
+        records += [json.loads(line) for line in lines[-1:]]
+    return records
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Replace a jsonl file's records."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file whole or not at all: a hidden temporary beside it, flushed, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Replace a jsonl file's records (atomically: the old ones stay if the write fails)."""
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -155,62 +160,6 @@ def mark_incomplete(checkpoint_dir: Path) -> None:
 def read_trainer_state(checkpoint_dir: Path) -> dict:
     """Counters of a checkpoint."""
     return json.loads((checkpoint_dir / TRAINER_STATE).read_text(encoding="utf-8"))
-
-
-# --- outputs that appear whole or not at all --------------------------------------------------------------------
-
-
-def open_staging_dir(output: Path, overwrite: bool) -> Path:
-    """An empty hidden sibling of `output` to write into; refuses an existing output without `overwrite`."""
-    if output.exists() and not overwrite:
-        raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def publish_dir(tmp: Path, output: Path) -> None:
-    """Put a finished staging directory in place; an existing output (with --overwrite) is replaced only now."""
-    if output.exists():
-        old = output.parent / f".{output.name}.replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(output)
-
-
-@contextmanager
-def staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Write a directory under a hidden name and publish it at the end; on any failure nothing is left."""
-    tmp = open_staging_dir(output, overwrite)
-    try:
-        yield tmp
-        publish_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def staged_file(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Write a file under a hidden unique name beside `output` and rename it at the end (atomic, with the
-    usual permissions); on any failure nothing is left, and an output that appeared meanwhile is kept."""
-    if output.exists() and not overwrite:
-        raise PeftCliError(f"{output} already exists; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        yield tmp
-        if output.exists() and not overwrite:  # someone wrote it while we were busy
-            raise PeftCliError(f"{output} already exists; pass --overwrite to replace it")
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --- the training output directory ------------------------------------------------------------------------------
@@ -292,26 +241,16 @@ def prune_checkpoints(out_dir: Path, keep: int) -> None:
 # --- one writer at a time ---------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 @contextmanager
 def run_lock(out_dir: Path) -> Iterator[str | None]:
     """Hold the run directory for one `peft train` while it lasts; yields a note when a stale lock was taken over.
 
-    The lock is a file created exclusively, holding the holder's pid, host and start time. A lock whose process
-    is gone (same host) is stale and taken over; one from another host cannot be checked and is refused with
-    what to do. A directory created only to hold the lock is removed again if the run leaves it empty.
+    The lock is a file holding the holder's pid, host and start time, locked with flock: the kernel releases it
+    when its process dies however it dies, so a lock file nobody holds is stale. One written on another host
+    is still refused, since not every shared filesystem carries flock between hosts. A directory created only
+    to hold the lock is removed again if the run leaves it empty.
     """
-    import socket
-    import time
+    import fcntl
 
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output.dir: {out_dir} exists and is not a directory")
@@ -323,42 +262,91 @@ def run_lock(out_dir: Path) -> Iterator[str | None]:
             f"output.dir: {out_dir} cannot be created ({exc.strerror}); choose a writable place"
         ) from None
     lock = out_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    note = None
-    for _ in range(2):
+    while True:
         try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                note = f"took over the lock of a run that is gone (pid {holder['pid']}, since {holder.get('started')})"
-                continue
-            who = (
-                f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
-                if holder
-                else "an unreadable lock"
-            )
-            raise OutputError(
-                f"output.dir: {out_dir} is in use by another peft train ({who}); wait for it, or choose another "
-                f"output.dir (if that run is gone, delete {lock})"
-            ) from None
+            descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
             raise OutputError(f"output.dir: {out_dir} is not writable ({exc.strerror}); choose another place") from None
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(me, handle)
-        break
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            holder = read_holder(lock)
+            who = describe(holder) if holder else "a lock being written"
+            raise OutputError(
+                f"output.dir: {out_dir} is in use by another peft train ({who}); wait for it, or choose another "
+                "output.dir"
+            ) from None
+        try:  # the holder before us may have removed the file while we waited: then lock the new one
+            same = os.stat(lock).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)
+    note = None
+    holder = read_holder(lock)
+    if holder and holder.get("host") != me()["host"]:
+        os.close(descriptor)
+        raise OutputError(
+            f"output.dir: {out_dir} is in use by a peft train on another machine ({describe(holder)}); wait for it, "
+            f"or choose another output.dir (if that run is gone, delete {lock})"
+        )
+    if holder or os.fstat(descriptor).st_size:
+        note = f"took over the lock of a run that is gone ({describe(holder) if holder else 'an unreadable lock'})"
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, json.dumps(me()).encode())
+    except OSError as exc:
+        lock.unlink(missing_ok=True)
+        os.close(descriptor)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"output.dir: {no_space_message(lock)}; free space and run again") from None
+        raise
     try:
         yield note
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # before the flock goes: a waiting process then sees a new file
+        os.close(descriptor)
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
 
 
-def _read_lock(lock: Path) -> dict:
-    try:
-        holder = json.loads(lock.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # being written this instant, or damaged: treated as held
-    return holder if isinstance(holder, dict) else {}
+# --- after a failed write ---------------------------------------------------------------------------------------
+
+
+def remove_partial_outputs(out_dir: Path) -> list[str]:
+    """What a run that failed while writing leaves out: checkpoints never completed, final files of a run that
+    never wrote its summary, temporary files, and a metrics line cut short. Returns the names removed."""
+    from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME
+
+    removed = []
+    root = out_dir / CHECKPOINTS
+    for child in sorted(root.iterdir()) if root.is_dir() else []:
+        if _STEP_DIR.match(child.name) and not (child / TRAINER_STATE).is_file():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(f"{CHECKPOINTS}/{child.name}")
+    if not (out_dir / SUMMARY_FILE).is_file():  # the summary is written last: without it the final files are partial
+        for name in (WEIGHTS_NAME, CONFIG_NAME, *TOKENIZER_FILES):
+            if (out_dir / name).is_file():
+                (out_dir / name).unlink()
+                removed.append(name)
+    metrics = out_dir / METRICS_FILE
+    if metrics.is_file():
+        text = metrics.read_bytes()
+        if text and not text.endswith(b"\n"):
+            metrics.write_bytes(text[: text.rfind(b"\n") + 1])
+            removed.append(f"the last, unfinished line of {METRICS_FILE}")
+    return removed
+
+
+def disk_full_error(out_dir: Path, removed: list[str]) -> DiskFullError:
+    """The one line a run that ran out of space ends with: where, what was cleaned, how to go on."""
+    checkpoints = list_checkpoints(out_dir)
+    cleaned = f"removed what was half-written ({', '.join(removed)}); " if removed else ""
+    if checkpoints:
+        step, path = checkpoints[-1]
+        after = f"checkpoint {path.name} is intact: free space and continue with the same command and --resume"
+    else:
+        after = "no checkpoint was complete: free space and run the same command with --resume to start it again"
+    return DiskFullError(f"output.dir: no space left on device in {out_dir}; {cleaned}{after}")

@@ -185,7 +185,10 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[str, BaseModel, dict]:
     """The method name, its params and the raw config of a saved adapter (ours or HF PEFT's)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
-        raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
+        from peftcli.train.run_dir import unfinished_run
+
+        unfinished = unfinished_run(Path(adapter_dir))
+        raise AdapterError(unfinished or f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -206,14 +209,26 @@ def adapter_task(raw_config: dict) -> str:
     return TASKS_BY_HF_TYPE.get(str(raw_config.get("task_type")), "causal_lm")
 
 
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of adapter_model.safetensors; a missing, truncated or foreign file is one line."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error type; any reader failure means the same here
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AdapterError(
+            f"{path}: cannot be read ({reason}): the file is truncated or damaged; copy it again, or write it "
+            "again from the run (peft train ... --resume finishes an interrupted one)"
+        ) from None
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path, tokenizer=None) -> AdapterInfo:
     """Add a saved adapter to a base model; every adapter tensor must find its place, with matching shape."""
     _, params, raw = read_adapter_config(adapter_dir)
-    weights_path = Path(adapter_dir) / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise AdapterError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+    tensors = read_adapter_weights(adapter_dir)
     info = apply_adapter(model, params, AdapterContext(task=adapter_task(raw), tokenizer=tokenizer))
-    tensors = load_file(str(weights_path))
     load_adapter_tensors(model, tensors)
     for name in info.param_names:
         dict(model.named_parameters())[name].requires_grad_(False)
