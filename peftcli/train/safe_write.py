@@ -183,15 +183,9 @@ def staged_dir(output: Path, overwrite: bool) -> Iterator[Path]:
     """Write a directory under a hidden name and publish it at the end; on any failure nothing is left, and a
     full disk is one line that says so."""
     tmp = open_staging_dir(output, overwrite)
-    try:
+    with _removed_on_failure(output, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
         publish_dir(tmp, output)
-    except BaseException as exc:
-        full = isinstance(exc, Exception) and out_of_space(exc, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise DiskFullError(f"{no_space_message(output)}; nothing was left half-written; {RETRY}") from None
-        raise
 
 
 @contextmanager
@@ -203,14 +197,21 @@ def staged_file(output: Path, overwrite: bool) -> Iterator[Path]:
     clean_leftovers(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(output)
-    try:
+    with _removed_on_failure(output, lambda: tmp.unlink(missing_ok=True)):
         yield tmp
         if output.exists() and not overwrite:  # someone wrote it while we were busy
             raise OutputError(f"{output} already exists; pass --overwrite to replace it")
         os.replace(tmp, output)
+
+
+@contextmanager
+def _removed_on_failure(output: Path, remove) -> Iterator[None]:
+    """On any failure (a signal too) `remove` the partial output; a full disk is then one line saying so."""
+    try:
+        yield
     except BaseException as exc:
         full = isinstance(exc, Exception) and out_of_space(exc, output.parent)
-        tmp.unlink(missing_ok=True)
+        remove()
         if full:
             raise DiskFullError(f"{no_space_message(output)}; nothing was left half-written; {RETRY}") from None
         raise

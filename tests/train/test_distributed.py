@@ -341,3 +341,51 @@ def test_lora_on_fused_experts_under_fsdp2_trains_what_one_process_trains(tmp_pa
     assert tensors.keys() == expected.keys() and any(".experts.lora_B." in key for key in tensors)
     for key, value in expected.items():  # the bound of the test above, for the same reason
         assert tensors[key].shape == value.shape and (tensors[key] - value).abs().max().item() < 3e-4, key
+
+
+def test_sigterm_stops_both_processes_at_one_step_with_one_checkpoint_and_resume_finishes(
+    tmp_path, tiny_model_dir, copy_data
+):
+    """A scheduler's SIGTERM to `peft train --launch`: passed on to every process, which agree on the step to
+    stop after, write the checkpoint together, and say how to continue; --resume then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from peftcli.train.run_dir import list_checkpoints
+
+    steps = 40
+    out = tmp_path / "run"
+    recipe = _recipe(tmp_path, tiny_model_dir, copy_data, "run", max_steps=steps, eval_generation=None,
+                     eval_at_start=False, save_every=1000)  # fmt: skip
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe)
+    command = [sys.executable, "-m", "peftcli", "train", str(recipe_file), "--launch", "ddp", "--nproc", str(WORLD)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").is_file() and '"type": "train"' in (out / "metrics.jsonl").read_text()):
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=300)
+
+    assert launcher.returncode != 0, stderr[-3000:]
+    checkpoints = list_checkpoints(out)
+    assert len(checkpoints) == 1, stderr[-3000:]
+    ((step, checkpoint),) = checkpoints
+    assert 0 < step < steps
+    said = re.findall(r"stopped by SIGTERM after step (\d+) of \d+; checkpoint written to", stdout + stderr)
+    assert said and set(said) == {str(step)}, stderr[-3000:]  # every process that spoke stopped at that step
+    assert not (out / "adapter_model.safetensors").exists()
+
+    resumed = _launch(recipe_file, "ddp", "--resume")
+    if not _finished(out):  # see _finished: a rare abort at exit after the work is done
+        resumed = _launch(recipe_file, "ddp", "--resume")
+    assert _finished(out), resumed.stderr[-3000:]
+    assert f"(step {step} of {steps})" in resumed.stdout + resumed.stderr
+    logged = [
+        r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"
+    ]
+    assert logged == list(range(1, steps + 1))

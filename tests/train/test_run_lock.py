@@ -15,7 +15,7 @@ from peftcli.recipe.load import validate_recipe_dict
 from peftcli.train.loop import SilentReporter, train
 from peftcli.train.run_dir import LOCK_FILE, run_lock
 
-from support import make_recipe
+from support import make_recipe, run_cli, write_recipe
 
 
 def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(tmp_path, tiny_model_dir, copy_data):
@@ -61,3 +61,15 @@ def test_a_run_refused_before_it_starts_leaves_no_directory(tmp_path, tiny_model
     with pytest.raises(Exception, match="no_such_column"):
         train(validate_recipe_dict(recipe, "test.yaml"))
     assert not out.exists()
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line_before_anything_loads(tmp_path, tiny_model_dir, copy_data):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, output={"dir": str(blocker / "run")})
+    result = run_cli("train", str(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    expected = f"error: output.dir: {blocker / 'run'} cannot be created (Not a directory); choose a writable place"
+    assert errors == [expected]
+    assert "loading" not in result.stderr  # refused before the tokenizer or the model loads
