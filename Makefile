@@ -15,7 +15,7 @@ lint: setup
 # A green run records the environment it passed in, for `make lock VENV=.venv`.
 test: lint
 	rm -f .venv/green-freeze.txt
-	.venv/bin/python -m pytest -q -ra
+	.venv/bin/python -m pytest -q -ra --durations=25
 	.venv/bin/python -m pip freeze --all > .venv/green-freeze.txt
 
 test-latest:

@@ -1,9 +1,9 @@
 """`peft train` stopped by a scheduler's SIGTERM or by Ctrl-C: it finishes the step, writes a checkpoint, says
-how to continue and exits 128 + the signal's number; `--resume` then ends with the unbroken run's adapter."""
+how to continue and exits 128 + the signal's number (that --resume then ends with the unbroken run's adapter is
+tests/cli/test_faults.py's)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,12 +11,10 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from peftcli.train.run_dir import list_checkpoints
 
-from support import make_recipe, run_cli, write_recipe
+from support import make_recipe, write_recipe
 
 STEPS = 60  # more than run before the signal lands (a step of the tiny model takes tens of ms)
 
@@ -51,7 +49,7 @@ def _recipe(tmp_path, tiny_model_dir, copy_data, name: str):
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
-def test_a_stopped_run_saves_a_checkpoint_says_so_and_resumes_exactly(
+def test_a_stopped_run_saves_a_checkpoint_and_says_how_to_continue(
     tmp_path, tiny_model_dir, copy_data, number, one_torch_thread
 ):
     recipe_file = _recipe(tmp_path, tiny_model_dir, copy_data, "stopped")
@@ -66,17 +64,4 @@ def test_a_stopped_run_saves_a_checkpoint_says_so_and_resumes_exactly(
     expected = f"stopped by {name} after step {step} of {STEPS}; checkpoint written to {checkpoint}; continue"
     assert expected in " ".join(stderr.split()), stderr
     assert not (out / "adapter_model.safetensors").exists()  # not finished: no adapter that looks final
-    if number == signal.SIGINT:
-        return  # the same path as SIGTERM from here on
-
-    resumed = run_cli("train", str(recipe_file), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 1))
-    unbroken = run_cli("train", str(_recipe(tmp_path, tiny_model_dir, copy_data, "unbroken")))
-    assert unbroken.returncode == 0, unbroken.stderr
-    a = load_file(str(out / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "unbroken" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    # --resume from such a checkpoint ends with the unbroken run's adapter: tests/cli/test_faults.py
