@@ -15,7 +15,8 @@ def clean(
     processes that are gone, stale run locks, and checkpoints that were never completed. What live processes
     are writing is left alone."""
     from peftcli.errors import PeftCliError
-    from peftcli.train.safe_write import leftovers_under, remove_leftover, size_of
+    from peftcli.train.run_dir import leftovers_under, remove_leftover
+    from peftcli.train.safe_write import size_of
 
     if not directory.is_dir():
         raise PeftCliError(f"{directory}: not a directory")

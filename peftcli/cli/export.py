@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from peftcli.cli.merge import check_dtype, clean_before_writing, default_output, report, run_merge
+from peftcli.cli.merge import (
+    check_dtype,
+    clean_before_writing,
+    default_output,
+    refuse_unfinished_run,
+    report,
+    run_merge,
+)
 
 
 def export(
@@ -25,11 +32,7 @@ def export(
     check_dtype(dtype)
     is_adapter = (source / "adapter_config.json").is_file()
     if not is_adapter:
-        from peftcli.train.run_dir import unfinished_run
-
-        unfinished = unfinished_run(source)
-        if unfinished:
-            raise PeftCliError(unfinished)
+        refuse_unfinished_run(source)
     if fmt == "safetensors":
         if not is_adapter:
             raise PeftCliError(f"{source}: no adapter_config.json; --format safetensors merges a run's adapter")

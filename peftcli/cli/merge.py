@@ -59,6 +59,7 @@ def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite, verif
     from peftcli.export.merge import merge_adapter_dir
 
     check_dtype(dtype)
+    refuse_unfinished_run(adapter_dir)
     output = output or default_output(adapter_dir, "merged")
     clean_before_writing(output)
 
@@ -72,6 +73,16 @@ def run_merge(adapter_dir, output, dtype, base, max_shard_size, overwrite, verif
         adapter_dir, output, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         progress=progress, check=check if verify else None,
     )  # fmt: skip
+
+
+def refuse_unfinished_run(run_dir: Path) -> None:
+    """A run directory without its final adapter yet: say so, and how to finish it."""
+    from peftcli.errors import AdapterError
+    from peftcli.train.run_dir import unfinished_run
+
+    unfinished = unfinished_run(run_dir)
+    if unfinished:
+        raise AdapterError(unfinished)
 
 
 def clean_before_writing(output: Path) -> None:

@@ -24,7 +24,16 @@ from pathlib import Path
 import yaml
 
 from peftcli.errors import DiskFullError, OutputError, PeftCliError
-from peftcli.train.safe_write import describe, me, no_space_message, read_holder, write_text_atomic
+from peftcli.train.safe_write import (
+    WRITER_FILE,
+    dead_temp_files,
+    describe,
+    gone,
+    me,
+    no_space_message,
+    read_holder,
+    write_text_atomic,
+)
 
 RECIPE_FILE = "recipe.yaml"
 SUMMARY_FILE = "summary.json"
@@ -310,6 +319,48 @@ def run_lock(out_dir: Path) -> Iterator[str | None]:
         os.close(descriptor)
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
+
+
+# --- leftovers of killed commands ------------------------------------------------------------------------
+
+
+def leftovers_under(root: Path) -> list[tuple[Path, str]]:
+    """What killed peftcli commands left in `root` and the directories directly inside it, with why each is one:
+    staging directories and temporary files of dead writers, moved-aside outputs, stale run locks, and
+    checkpoints that were never completed (in runs no live process holds)."""
+    found: list[tuple[Path, str]] = []
+    for directory in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") and path.name.endswith(".partial") and path.is_dir():
+                holder = read_holder(path / WRITER_FILE)
+                if not holder or gone(holder):
+                    found.append((path, "an interrupted merge or export"))
+            elif path.name.startswith(".") and path.name.endswith(".replaced") and path.is_dir():
+                found.append((path, "an interrupted --overwrite (restored if the output is missing)"))
+        found += [(path, "an interrupted write") for path in dead_temp_files(directory)]
+        lock = read_holder(directory / LOCK_FILE)
+        if lock and not gone(lock):
+            continue  # a live run: its files are its own
+        if lock:
+            found.append((directory / LOCK_FILE, "the lock of a run that is gone"))
+        checkpoints = directory / CHECKPOINTS
+        if checkpoints.is_dir():
+            found += [
+                (step, "a checkpoint that was never completed")
+                for step in sorted(checkpoints.iterdir())
+                if step.is_dir() and step.name.startswith("step-") and not (step / TRAINER_STATE).is_file()
+            ]
+    return found
+
+
+def remove_leftover(path: Path) -> None:
+    """Remove one of `leftovers_under`'s finds (a moved-aside output whose original is missing is put back)."""
+    if path.name.endswith(".replaced"):
+        original = path.parent / path.name[1 : -len(".replaced")]
+        if not original.exists():
+            path.rename(original)
+            return
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # --- after a failed write ---------------------------------------------------------------------------------------

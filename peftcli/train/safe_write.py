@@ -130,13 +130,13 @@ def clean_leftovers(output: Path) -> list[str]:
             )
         notes.append(f"removed {tmp} ({size_of(tmp) / 1e9:.2f} GB), left by an interrupted merge or export")
         shutil.rmtree(tmp, ignore_errors=True)
-    for leftover in _dead_temp_files(output.parent, output.name):
+    for leftover in dead_temp_files(output.parent, output.name):
         notes.append(f"removed {leftover} ({leftover.stat().st_size / 1e9:.2f} GB), left by an interrupted export")
         leftover.unlink(missing_ok=True)
     return notes
 
 
-def _dead_temp_files(directory: Path, name: str | None = None) -> list[Path]:
+def dead_temp_files(directory: Path, name: str | None = None) -> list[Path]:
     """Temporary files (ours, by their names) in `directory` whose writer is gone."""
     if not directory.is_dir():
         return []
@@ -215,47 +215,6 @@ def _removed_on_failure(output: Path, remove) -> Iterator[None]:
         if full:
             raise DiskFullError(f"{no_space_message(output)}; nothing was left half-written; {RETRY}") from None
         raise
-
-
-def leftovers_under(root: Path) -> list[tuple[Path, str]]:
-    """What killed peftcli commands left in `root` and the directories directly inside it, with why each is one:
-    staging directories and temporary files of dead writers, moved-aside outputs, stale run locks, and
-    checkpoints that were never completed (in runs no live process holds)."""
-    from peftcli.train.run_dir import CHECKPOINTS, LOCK_FILE, TRAINER_STATE
-
-    found: list[tuple[Path, str]] = []
-    for directory in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
-        for path in sorted(directory.iterdir()):
-            if path.name.startswith(".") and path.name.endswith(".partial") and path.is_dir():
-                holder = read_holder(path / WRITER_FILE)
-                if not holder or gone(holder):
-                    found.append((path, "an interrupted merge or export"))
-            elif path.name.startswith(".") and path.name.endswith(".replaced") and path.is_dir():
-                found.append((path, "an interrupted --overwrite (restored if the output is missing)"))
-        found += [(path, "an interrupted write") for path in _dead_temp_files(directory)]
-        lock = read_holder(directory / LOCK_FILE)
-        if lock and not gone(lock):
-            continue  # a live run: its files are its own
-        if lock:
-            found.append((directory / LOCK_FILE, "the lock of a run that is gone"))
-        checkpoints = directory / CHECKPOINTS
-        if checkpoints.is_dir():
-            found += [
-                (step, "a checkpoint that was never completed")
-                for step in sorted(checkpoints.iterdir())
-                if step.is_dir() and step.name.startswith("step-") and not (step / TRAINER_STATE).is_file()
-            ]
-    return found
-
-
-def remove_leftover(path: Path) -> None:
-    """Remove one of `leftovers_under`'s finds (a moved-aside output whose original is missing is put back)."""
-    if path.name.endswith(".replaced"):
-        original = path.parent / path.name[1 : -len(".replaced")]
-        if not original.exists():
-            path.rename(original)
-            return
-    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # --- a full disk --------------------------------------------------------------------------------------------------

@@ -185,10 +185,7 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[str, BaseModel, dict]:
     """The method name, its params and the raw config of a saved adapter (ours or HF PEFT's)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
-        from peftcli.train.run_dir import unfinished_run
-
-        unfinished = unfinished_run(Path(adapter_dir))
-        raise AdapterError(unfinished or f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
+        raise AdapterError(f"{adapter_dir}: no {CONFIG_NAME}; is this an adapter directory?")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
