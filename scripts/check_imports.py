@@ -27,7 +27,7 @@ DECLARATIONS = {
 }
 LAYERS = [
     {"peftcli", "peftcli.errors"},
-    {"peftcli.recipe", *DECLARATIONS},
+    {"peftcli.recipe", "peftcli.objectives", *DECLARATIONS},
     {"peftcli.models"},
     {"peftcli.tuners"},
     {"peftcli.data"},

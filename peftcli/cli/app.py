@@ -11,6 +11,7 @@ from peftcli.cli import clean as clean_commands
 from peftcli.cli import export as export_commands
 from peftcli.cli import merge as merge_commands
 from peftcli.cli import methods as methods_commands
+from peftcli.cli import objectives as objectives_commands
 from peftcli.cli import recipe as recipe_commands
 from peftcli.cli import targets as targets_commands
 from peftcli.cli import train as train_commands
@@ -33,6 +34,7 @@ app.command("targets")(targets_commands.targets)
 app.command("merge")(merge_commands.merge)
 app.command("export")(export_commands.export)
 app.command("methods")(methods_commands.methods)
+app.command("objectives")(objectives_commands.objectives)
 app.command("clean")(clean_commands.clean)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)

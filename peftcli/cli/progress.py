@@ -28,6 +28,8 @@ def print_plan(recipe: Recipe, mode: str, adapted: str | None = None) -> None:
     table.add_row("method", f"{recipe.method.name} " + ", ".join(f"{k}={v}" for k, v in params.items()))
     if adapted:
         table.add_row("adapts", adapted)
+    objective = recipe.objective.model_dump(exclude={"name"})
+    table.add_row("objective", f"{recipe.objective.name} " + ", ".join(f"{k}={v}" for k, v in objective.items()))
     train_src = recipe.data.train
     table.add_row(
         "train data",
@@ -148,6 +150,8 @@ class RichReporter:
         if not self.enabled:
             return
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
+        if "rewards/accuracy" in metrics:
+            info += f"  reward accuracy {metrics['rewards/accuracy']:.0%}  margin {metrics['rewards/margin']:.3f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=metrics["step"], info=info)
         else:
@@ -156,7 +160,13 @@ class RichReporter:
     def evaluation(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        if "eval_accuracy" in metrics:
+        if "eval_rewards/accuracy" in metrics:
+            text = (
+                f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  reward accuracy "
+                f"{metrics['eval_rewards/accuracy']:.1%} of {metrics['eval_pairs']} pairs  margin "
+                f"{metrics['eval_rewards/margin']:.3f}"
+            )
+        elif "eval_accuracy" in metrics:
             text = (
                 f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  "
                 f"accuracy {metrics['eval_accuracy']:.2%}"
@@ -181,7 +191,14 @@ class RichReporter:
             self.progress.stop()
         c = self.console
         before, after = summary.get("eval_before"), summary.get("eval_after")
-        if before and after and "eval_accuracy" in after:
+        if before and after and "eval_rewards/accuracy" in after:
+            c.print(
+                f"[bold]reward accuracy[/bold] {before['eval_rewards/accuracy']:.1%} -> "
+                f"{after['eval_rewards/accuracy']:.1%} of {after['eval_pairs']} validation pairs ranked right; margin "
+                f"{before['eval_rewards/margin']:.3f} -> {after['eval_rewards/margin']:.3f}; loss "
+                f"{before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
+            )
+        elif before and after and "eval_accuracy" in after:
             majority = summary.get("majority_class_rate")
             baseline = f" (majority class: {majority:.2%})" if majority is not None else ""
             c.print(

@@ -70,3 +70,16 @@ class PadCollator:
         else:
             batch["labels"] = self.pad(labels, IGNORE_INDEX)
         return batch
+
+
+class PairCollator:
+    """Preference pairs (data/formats.py: render_preference) as one padded batch: every pair's chosen row, then
+    every pair's rejected row, in the same order (train/preference.py splits the batch in halves)."""
+
+    def __init__(self, pad_token_id: int):
+        self.rows = PadCollator(pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        chosen = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        rejected = [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
+        return self.rows([*chosen, *rejected])

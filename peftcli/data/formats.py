@@ -18,7 +18,7 @@ What an example becomes depends on the task (the batch contract is written down 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peftcli.errors import DataError
 from peftcli.recipe.schema import FORMAT_COLUMNS, OPTIONAL_COLUMNS, DataSource
@@ -66,7 +66,9 @@ class Renderer:
     def required_columns(self) -> list[str]:
         # alpaca's input and classification's text_pair are optional, unless mapped to a column by name
         fields = [
-            f for f in FORMAT_COLUMNS[self.source.format] if f not in OPTIONAL_COLUMNS or f in self.source.columns
+            f
+            for f in FORMAT_COLUMNS[self.source.format]
+            if f not in OPTIONAL_COLUMNS.get(self.source.format, ()) or f in self.source.columns
         ]
         return [self.column(f) for f in fields]
 
@@ -97,6 +99,8 @@ class Renderer:
 
     def __call__(self, row: dict, index: int) -> dict:
         fmt = self.source.format
+        if fmt == "preference":
+            return self.render_preference(row, index)
         if fmt == "classification":
             return self.render_classification(row, index)
         if fmt == "token_classification":
@@ -138,33 +142,20 @@ class Renderer:
         return value
 
     def messages_of(self, row: dict, index: int) -> list[dict]:
-        messages = row.get(self.column("messages"))
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{self.key}: example {index}: {self.column('messages')} should be a non-empty list")
-        clean = []
-        for turn, message in enumerate(messages):
-            if (
-                not isinstance(message, dict)
-                or message.get("role") not in ROLES
-                or not isinstance(message.get("content"), str)
-            ):
-                raise DataError(
-                    f"{self.key}: example {index}, message {turn}: needs role ({'/'.join(sorted(ROLES))}) "
-                    "and text content"
-                )
-            clean.append({"role": message["role"], "content": message["content"]})
+        where = f"{self.key}: example {index}: {self.column('messages')}"
+        clean = self.clean_messages(row.get(self.column("messages")), where)
         if self.source.system_prompt and clean[0]["role"] != "system":
             clean.insert(0, {"role": "system", "content": self.source.system_prompt})
         return clean
 
-    def render_chat(self, messages: list[dict], index: int) -> dict:
+    def render_chat(self, messages: list[dict], index: int, first_labelled_turn: int = 0) -> dict:
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise DataError(f"{self.key}: format chat needs a tokenizer with a chat template")
         text = tok.apply_chat_template(messages, tokenize=False)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if message["role"] != "assistant" or i < first_labelled_turn:
                 continue
             before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
@@ -183,6 +174,91 @@ class Renderer:
             inside = any(lo <= start < hi for lo, hi in spans) and end > start
             labels.append(token_id if inside else IGNORE_INDEX)
         return {"input_ids": ids, "labels": labels}
+
+    # preference pairs
+
+    def render_preference(self, row: dict, index: int) -> dict:
+        """A pair as one example: the chosen side as input_ids/labels (so it reads like an SFT example) and the
+        rejected side as rejected_input_ids/rejected_labels. Each side is rendered as SFT data would be, with
+        labels on its completion only; a long side loses prompt tokens from the left first."""
+        prompt = row.get(self.column("prompt"))
+        chosen, rejected = row.get(self.column("chosen")), row.get(self.column("rejected"))
+        masked = replace(self, mask_prompt=True)  # a pair's loss is on its completions, whatever mask_prompt says
+        sides = []
+        for name, completion in (("chosen", chosen), ("rejected", rejected)):
+            messages = self.pair_side(prompt, completion, name, index)
+            if messages is None:
+                sides.append(masked.render_plain(prompt, completion))
+            else:
+                sides.append(masked.render_chat(messages, index, first_labelled_turn=len(messages) - 1))
+        if sides[0]["input_ids"] == sides[1]["input_ids"]:
+            raise DataError(f"{self.key}: example {index}: chosen and rejected are the same; drop the pair")
+        (good, good_cut), (bad, bad_cut) = (self.fit(side) for side in sides)
+        return {
+            "input_ids": good["input_ids"],
+            "labels": good["labels"],
+            "rejected_input_ids": bad["input_ids"],
+            "rejected_labels": bad["labels"],
+            "truncated": good_cut or bad_cut,
+        }
+
+    def pair_side(self, prompt, completion, name: str, index: int) -> list[dict] | None:
+        """The messages of one side of a pair (None: plain text, rendered without a chat template).
+
+        Text prompt and completion use the chat template when the source does (prompt_style); a list of
+        messages for the prompt, or a completion that is a list of messages, always does. Without a prompt,
+        chosen and rejected are whole conversations; their differing last assistant turn is the completion.
+        """
+        where = f"{self.key}: example {index}"
+        if isinstance(completion, list):
+            turns = self.clean_messages(completion, f"{where}: {self.column(name)}")
+            if prompt is None or prompt == "" or prompt == []:
+                if len(turns) < 2 or turns[-1]["role"] != "assistant":
+                    raise DataError(
+                        f"{where}: without a prompt, {self.column(name)} must be a conversation ending in an "
+                        "assistant turn"
+                    )
+                return turns
+            if turns[0]["role"] != "assistant" or len(turns) != 1:
+                raise DataError(f"{where}: {self.column(name)} should be one assistant message (or text)")
+            return self.prompt_messages(prompt, where) + turns
+        if not isinstance(completion, str):
+            raise DataError(f"{where}: column {self.column(name)} should hold text or a list of messages")
+        if isinstance(prompt, list):
+            return self.prompt_messages(prompt, where) + [{"role": "assistant", "content": completion}]
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: column {self.column('prompt')} should hold text or a list of messages")
+        if self.uses_chat_template:
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return None
+
+    def prompt_messages(self, prompt, where: str) -> list[dict]:
+        if isinstance(prompt, str):
+            turns = [{"role": "user", "content": prompt}]
+        else:
+            turns = self.clean_messages(prompt, f"{where}: {self.column('prompt')}")
+        if self.source.system_prompt and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": self.source.system_prompt})
+        return turns
+
+    def clean_messages(self, messages, where: str) -> list[dict]:
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where} should be a non-empty list of messages")
+        for turn, message in enumerate(messages):
+            role, content = (message.get("role"), message.get("content")) if isinstance(message, dict) else (0, 0)
+            if role not in ROLES or not isinstance(content, str):
+                raise DataError(f"{where}, message {turn}: needs role ({'/'.join(sorted(ROLES))}) and text content")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def fit(self, side: dict) -> tuple[dict, bool]:
+        """One side cut to max_length: prompt tokens go first, from the left (keeping the one the first
+        completion token is predicted from); only a completion longer than max_length loses its end."""
+        ids, labels, limit = side["input_ids"], side["labels"], self.max_length
+        if limit is None or len(ids) <= limit:
+            return side, False
+        first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), len(labels))
+        start = min(len(ids) - limit, max(0, first - 1))
+        return {"input_ids": ids[start:][:limit], "labels": labels[start:][:limit]}, True
 
     def render_plain(self, prompt: str, completion: str) -> dict:
         tok = self.tokenizer

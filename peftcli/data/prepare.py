@@ -53,10 +53,15 @@ def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_name
     )
     all_labels = tokenized["labels"]
     label_counts = [_label_count(labels) for labels in all_labels]
+    tokens = sum(len(ids) for ids in tokenized["input_ids"])
+    if "rejected_labels" in tokenized.column_names:  # preference pairs: both sides need a completion
+        rejected = [_label_count(labels) for labels in tokenized["rejected_labels"]]
+        tokens += sum(len(ids) for ids in tokenized["rejected_input_ids"])
+        label_counts = [min(a, b) and a + b for a, b in zip(label_counts, rejected, strict=True)]
     stats = SplitStats(
         examples=len(tokenized),
         truncated=sum(tokenized["truncated"]),
-        tokens=sum(len(ids) for ids in tokenized["input_ids"]),
+        tokens=tokens,
         label_tokens=sum(label_counts),
     )
     if label_names is not None:

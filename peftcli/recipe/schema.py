@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from peftcli.launch.presets import PRESETS, read_engine
+from peftcli.objectives.registry import all_objectives, get_objective, objective_union
+from peftcli.objectives.sft import SftOptions
 from peftcli.recipe.base import StrictModel
 from peftcli.tuners.registry import TASK_TYPES, all_tuners, get_tuner
 
@@ -136,8 +138,11 @@ def _method_union() -> Any:
 
 
 MethodParams = _method_union()
+ObjectiveParams = objective_union()
 
-DataFormat = Literal["chat", "alpaca", "prompt_completion", "text", "classification", "token_classification"]
+DataFormat = Literal[
+    "chat", "alpaca", "prompt_completion", "text", "classification", "token_classification", "preference"
+]
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
@@ -146,13 +151,15 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "classification": ("text", "label", "text_pair"),
     "token_classification": ("tokens", "tags"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
-# Fields a format can do without: alpaca's input, and classification's second text (pair tasks only).
-OPTIONAL_COLUMNS = {"input", "text_pair"}
+# Fields a format can do without: alpaca's input, classification's second text (pair tasks only), and a
+# preference pair's prompt (when chosen and rejected are whole conversations sharing their first turns).
+OPTIONAL_COLUMNS = {"alpaca": {"input"}, "classification": {"text_pair"}, "preference": {"prompt"}}
 GENERATIVE_FORMATS = ("chat", "alpaca", "prompt_completion", "text")
 # The data formats each task reads (text is language modelling only: a seq2seq model needs a prompt).
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal_lm": GENERATIVE_FORMATS,
+    "causal_lm": (*GENERATIVE_FORMATS, "preference"),
     "seq2seq": ("prompt_completion", "alpaca", "chat"),
     "seq_cls": ("classification",),
     "token_cls": ("token_classification",),
@@ -395,6 +402,11 @@ class Recipe(StrictModel):
 
     model: ModelSection
     method: MethodParams = Field(description="The adapter method and its options; `name` picks the method.")
+    objective: ObjectiveParams = Field(
+        default_factory=SftOptions,
+        description="What the loss is: sft (the default), or a preference objective (dpo, orpo, simpo) on "
+        "data of format preference; `name` picks it.",
+    )
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     output: OutputSection
@@ -471,6 +483,38 @@ class Recipe(StrictModel):
             raise ValueError(
                 f"training.activation_checkpointing: method {spec.name} does not work with activation "
                 "checkpointing; set it to false"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_task_and_data(self) -> Recipe:
+        spec, task = get_objective(self.objective.name), self.model.task
+        if task not in spec.capabilities.tasks:
+            raise ValueError(f"objective.name: {spec.name} trains model.task causal_lm, not {task}")
+        sources = [("data.train", self.data.train)]
+        if isinstance(self.data.validation, DataSource):
+            sources.append(("data.validation", self.data.validation))
+        pairs = [n for n, s in all_objectives().items() if s.capabilities.preference_data]
+        for key, source in sources:
+            if spec.capabilities.preference_data and source.format != "preference":
+                raise ValueError(
+                    f"{key}.format: objective {spec.name} trains on preference pairs (prompt, chosen, rejected); "
+                    f"set format: preference, not {source.format}"
+                )
+            if not spec.capabilities.preference_data and source.format == "preference":
+                raise ValueError(
+                    f"{key}.format: preference pairs need a preference objective; set objective.name to one of "
+                    f"{', '.join(pairs)}"
+                )
+        if spec.capabilities.preference_data and self.data.packing is True:
+            raise ValueError(
+                f"data.packing: objective {spec.name} compares each pair's two sides row by row; set it to false"
+            )
+        sharded = self.launch is not None and read_engine(self.launch.preset).shards_parameters
+        if spec.capabilities.reference and sharded:
+            raise ValueError(
+                f"launch.preset: objective {spec.name} computes its reference by swapping in the starting adapter, "
+                "which sharded parameters do not allow; use ddp, zero1 or zero2"
             )
         return self
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import peftcli
-from peftcli.data.collate import PadCollator
+from peftcli.data.collate import PadCollator, PairCollator
 from peftcli.data.packing import PackedDataset, padding_share, shuffled
 from peftcli.data.prepare import prepare_data
 from peftcli.data.sampler import LengthGroupedSampler
@@ -39,6 +39,7 @@ from peftcli.models.load import (
 )
 from peftcli.models.quantize import describe_quantization
 from peftcli.models.quantized_layers import parameter_count
+from peftcli.objectives.registry import get_objective
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.train.checkpoint import fsdp_adapter_checkpoints, install_adapter_only_hooks
@@ -56,6 +57,7 @@ from peftcli.train.head_loss import HeadUnsupported, OutputHead
 from peftcli.train.objective import Objective, TaskObjective
 from peftcli.train.optim import LearningRateSchedule, build_optimizer
 from peftcli.train.preemption import RunStopped, StopRequest
+from peftcli.train.preference import METRICS, PreferenceObjective, StartingPolicy
 from peftcli.train.resume_rules import check_resume_changes
 from peftcli.train.run_dir import (
     METRICS_FILE,
@@ -234,7 +236,8 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     if mode == "resume":
         check_resume_changes(out_dir / RECIPE_FILE, recipe_to_dict(recipe))
     accelerator, engine, whole_base = _accelerator(recipe)
-    capable = get_tuner(recipe.method.name).capabilities.packing
+    pairs = get_objective(recipe.objective.name).capabilities.preference_data
+    capable = get_tuner(recipe.method.name).capabilities.packing and not pairs  # a pair's rows stay whole
     packing = packing_wanted(recipe, capable, planned_attention(recipe.model))
     tokenizer, data, train_loader, eval_loader, batching = _data(recipe, accelerator, reporter, packing)
     total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
@@ -258,7 +261,7 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
         model=model,
         unwrapped=unwrapped,
         info=info,
-        objective=TaskObjective(recipe.model.task, unwrapped.config),
+        objective=build_objective(recipe, unwrapped),
         optimizer=optimizer,
         schedule=LearningRateSchedule(recipe.training, total_steps),
         total_steps=total_steps,
@@ -304,8 +307,12 @@ def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool):
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # the other processes read the datasets cache
         data = prepare_data(recipe, tokenizer)
-    batch, collator, seed = recipe.training.batch_size, PadCollator(tokenizer.pad_token_id), recipe.training.seed
+    batch, seed = recipe.training.batch_size, recipe.training.seed
     lengths = [len(ids) for ids in data.train["input_ids"]]
+    collator = PadCollator(tokenizer.pad_token_id)
+    if "rejected_input_ids" in data.train.column_names:  # preference pairs: both sides in one batch
+        collator = PairCollator(tokenizer.pad_token_id)
+        lengths = [max(a, len(b)) for a, b in zip(lengths, data.train["rejected_input_ids"], strict=True)]
     random_padding = padding_share(lengths, batch, shuffled(len(lengths), seed))
     validation = data.validation
     if packing:
@@ -366,6 +373,17 @@ def _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data,
     if recipe.training.compile:
         reporter.message(f"compiling {compile_decoder_layers(model)} decoder layers (the first steps take longer)")
     return model, info
+
+
+def build_objective(recipe: Recipe, model) -> Objective:
+    """The recipe's objective over the prepared model; a reference objective snapshots the trainable tensors
+    now, before any step or checkpoint load: they are the starting policy."""
+    tokens = TaskObjective(recipe.model.task, model.config)
+    spec = get_objective(recipe.objective.name)
+    if not spec.capabilities.preference_data:
+        return tokens
+    reference = StartingPolicy.snapshot(model) if spec.capabilities.reference else None
+    return PreferenceObjective(recipe.objective, tokens, reference)
 
 
 def _facts(run: Run) -> dict:
@@ -537,6 +555,10 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
 
     value = float(accelerator.reduce(loss_sum, "sum")) / labels
+    extra = {}
+    if isinstance(run.objective, PreferenceObjective):  # rewards, margin, accuracy: means over the window's pairs
+        sums = accelerator.reduce(run.objective.take_metrics(accelerator.device), "sum")
+        extra = {name: float(total) / labels for name, total in zip(METRICS, sums, strict=True)}
     state = run.state
     state.step += 1
     state.micro_batches += accumulation
@@ -553,6 +575,7 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
         "step": state.step,
         "epoch": round(state.micro_batches / run.micro_per_epoch, 4),
         "loss": value,
+        **extra,
         **rates,
         "grad_norm": grad_norm,
         "tokens_per_s": int(counts[1]) / max(1e-9, time.perf_counter() - step_start),
@@ -670,6 +693,7 @@ def _summary(run: Run) -> dict:
     kept += ("packing", "batches", "padding_share", "cross_entropy")
     return {
         "method": run.recipe.method.name,
+        "objective": run.recipe.objective.name,
         "base_model": run.recipe.model.name_or_path,
         "steps": state.step,
         "epochs": round(state.micro_batches / run.micro_per_epoch, 4),

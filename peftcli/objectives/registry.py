@@ -1,0 +1,71 @@
+"""The objective registry: each objective's recipe options, what it needs, and a one-line summary.
+
+Importing this module imports no torch: recipe validation and `peft objectives` stay instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from peftcli.recipe.base import StrictModel
+
+BUILT_IN = ("sft", "dpo", "orpo", "simpo")
+
+
+class ObjectiveOptions(StrictModel):
+    """Base of every objective's options (unknown keys are errors, as everywhere in a recipe)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveCapabilities:
+    """What an objective needs; validation and the loop read these instead of asking 'is this dpo?'."""
+
+    preference_data: bool  # trains on pairs (data format `preference`)
+    reference: bool  # compares with the starting policy's log-probabilities
+    tasks: tuple[str, ...] = ("causal_lm",)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    summary: str
+    options: type[ObjectiveOptions]
+    capabilities: ObjectiveCapabilities
+
+
+_REGISTRY: dict[str, ObjectiveSpec] = {}
+
+
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"objective {spec.name!r} is registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def all_objectives() -> dict[str, ObjectiveSpec]:
+    """Every registered objective, by name (the built-in ones imported on first use)."""
+    for name in BUILT_IN:
+        importlib.import_module(f"peftcli.objectives.{name}")
+    return dict(_REGISTRY)
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    objectives = all_objectives()
+    if name not in objectives:
+        raise KeyError(f"unknown objective {name!r}; choose one of {', '.join(objectives)}")
+    return objectives[name]
+
+
+def objective_union():
+    """The recipe's `objective:` type: one options model per objective, told apart by `name`."""
+    models = tuple(spec.options for spec in all_objectives().values())
+    return Annotated[Union[models], Field(discriminator="name")]  # noqa: UP007 (a runtime tuple of types)
+
+
+def beta_field(default: float, what: str):
+    return Field(default, gt=0, le=1000, description=what)
