@@ -107,8 +107,10 @@ def model_section(run_dir: Path, base: str | None = None):
 
 
 def unfinished_run(run_dir: Path) -> str | None:
-    """What to say of a run directory that has no final adapter yet (None if it is not one)."""
-    if not is_run_dir(run_dir) or (run_dir / SUMMARY_FILE).is_file():
+    """What to say of a run directory that has no final adapter yet (None if it is not one, or has one)."""
+    from peftcli.tuners.adapter import CONFIG_NAME
+
+    if not is_run_dir(run_dir) or (run_dir / CONFIG_NAME).is_file():
         return None
     checkpoints = list_checkpoints(run_dir)
     newest = f"its newest checkpoint is {checkpoints[-1][1].name}" if checkpoints else "it has no checkpoint yet"

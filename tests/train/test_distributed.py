@@ -109,7 +109,8 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     assert b_norm > 0
 
 
-@pytest.mark.parametrize("preset", ["ddp", "zero2", "zero3", "fsdp2"])
+# zero2 writes the same DeepSpeed checkpoint as zero3 (which is tested), only unpartitioned.
+@pytest.mark.parametrize("preset", ["ddp", "zero3", "fsdp2"])
 def test_resume_with_two_processes(preset, tmp_path, tiny_model_dir, copy_data):
     """A run stopped after its step-2 checkpoint and resumed gives the adapter of an unbroken run."""
     if preset != "ddp":
@@ -356,7 +357,7 @@ def test_sigterm_stops_both_processes_at_one_step_with_one_checkpoint_and_resume
 
     from peftcli.train.run_dir import list_checkpoints
 
-    steps = 40
+    steps = 16
     out = tmp_path / "run"
     recipe = _recipe(tmp_path, tiny_model_dir, copy_data, "run", max_steps=steps, eval_generation=None,
                      eval_at_start=False, save_every=1000)  # fmt: skip
