@@ -40,10 +40,34 @@ def _flatten(data, prefix: str = "") -> dict:
     return flat
 
 
+_MISSING = object()
+
+
+def _schema_default(key: str):
+    """The value a recipe gets for a dotted key it does not set (a section's own default), or _MISSING."""
+    from pydantic import BaseModel
+
+    from peftcli.recipe.schema import Recipe
+
+    first, *rest = key.split(".")
+    field = Recipe.model_fields.get(first)
+    if field is None or field.is_required():
+        return _MISSING
+    value = field.get_default(call_default_factory=True)
+    for part in rest:
+        value = getattr(value, part, _MISSING) if isinstance(value, BaseModel) else _MISSING
+    return value
+
+
 def changed_keys(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose value differs between two recipes as plain data."""
+    """Dotted keys whose value differs between two recipes as plain data. A key the saved recipe lacks (it
+    was written by an earlier version) counts as unchanged while the current value is its default."""
     old, new = _flatten(saved), _flatten(current)
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and not (k not in old and new.get(k) == _schema_default(k))
+    )
 
 
 def _resumable(key: str) -> bool:
