@@ -31,12 +31,7 @@ def check_model_path(name: str, *, weights: bool = True) -> None:
     if not path.exists() or name.lower().endswith(".gguf"):
         return
     where = f"model.name_or_path: {name}: "
-    if path.is_file():
-        hint = f"; use its folder {path.parent}" if (path.parent / "config.json").is_file() else ""
-        raise ModelError(
-            f"{where}is a file; it must be a model directory (the folder holding config.json and the weights) "
-            f"or a .gguf file{hint}"
-        )
+    _refuse_a_file(path, where, "model directory (the folder holding config.json and the weights)", "config.json")
     files = {child.name for child in path.iterdir()}
     if not files:
         raise ModelError(
@@ -62,18 +57,21 @@ def check_model_path(name: str, *, weights: bool = True) -> None:
         )
 
 
+def _refuse_a_file(path: Path, where: str, wanted: str, marker: str) -> None:
+    """A file where a directory belongs: say what belongs there, and point at its folder when that is one."""
+    if path.is_file():
+        hint = f"; use its folder {path.parent}" if (path.parent / marker).is_file() else ""
+        raise ModelError(f"{where}is a file; it must be a {wanted} or a .gguf file{hint}")
+
+
 def check_tokenizer_path(name: str) -> None:
     """Refuse a local model.tokenizer that is a file other than a .gguf, or an empty directory."""
     path = Path(name).expanduser()
     if not path.exists() or name.lower().endswith(".gguf"):
         return
     where = f"model.tokenizer: {name}: "
-    if path.is_file():
-        hint = f"; use its folder {path.parent}" if (path.parent / "tokenizer_config.json").is_file() else ""
-        raise ModelError(
-            f"{where}is a file; it must be a tokenizer directory (the folder holding tokenizer_config.json) or a "
-            f".gguf file{hint}"
-        )
+    wanted = "tokenizer directory (the folder holding tokenizer_config.json)"
+    _refuse_a_file(path, where, wanted, "tokenizer_config.json")
     if not any(path.iterdir()):
         raise ModelError(f"{where}the directory is empty; it must hold the tokenizer files (tokenizer_config.json)")
 
