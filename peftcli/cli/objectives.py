@@ -23,7 +23,7 @@ def objectives(name: str | None = typer.Argument(None, metavar="[NAME]", help="A
         table = Table("objective", "data", "reference", "tasks", "what it does", box=None)
         for spec in found.values():
             caps = spec.capabilities
-            data = "preference pairs" if caps.preference_data else "the task's formats"
+            data = {"pairs": "preference pairs", "unpaired": "unpaired examples"}.get(caps.data, "the task's formats")
             reference = "starting policy" if caps.reference else "-"
             table.add_row(spec.name, data, reference, ", ".join(caps.tasks), escape(spec.summary))
         console.print(table)

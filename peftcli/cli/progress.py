@@ -152,6 +152,9 @@ class RichReporter:
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  {metrics['tokens_per_s']:.0f} tok/s"
         if "rewards/accuracy" in metrics:
             info += f"  reward accuracy {metrics['rewards/accuracy']:.0%}  margin {metrics['rewards/margin']:.3f}"
+        elif "kl" in metrics:  # kto: a step with examples of one label only has no margin
+            margin = metrics["rewards/margin"]
+            info += f"  margin {'-' if margin is None else f'{margin:.3f}'}  kl {metrics['kl']:.3f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=metrics["step"], info=info)
         else:
@@ -165,6 +168,12 @@ class RichReporter:
                 f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  reward accuracy "
                 f"{metrics['eval_rewards/accuracy']:.1%} of {metrics['eval_pairs']} pairs  margin "
                 f"{metrics['eval_rewards/margin']:.3f}"
+            )
+        elif "eval_kl" in metrics:
+            text = (
+                f"eval @ step {metrics['step']}: loss {metrics['eval_loss']:.4f}  reward margin "
+                f"{_maybe(metrics['eval_rewards/margin'])} over {metrics['eval_examples']} examples  kl "
+                f"{metrics['eval_kl']:.3f}"
             )
         elif "eval_accuracy" in metrics:
             text = (
@@ -198,6 +207,13 @@ class RichReporter:
                 f"{before['eval_rewards/margin']:.3f} -> {after['eval_rewards/margin']:.3f}; loss "
                 f"{before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
             )
+        elif before and after and "eval_kl" in after:  # kto: unpaired examples rank nothing; the margin moves
+            c.print(
+                f"[bold]reward margin[/bold] {_maybe(before['eval_rewards/margin'])} -> "
+                f"{_maybe(after['eval_rewards/margin'])} (desirable minus undesirable, over {after['eval_examples']} "
+                f"validation examples); kl {before['eval_kl']:.3f} -> {after['eval_kl']:.3f}; loss "
+                f"{before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
+            )
         elif before and after and "eval_accuracy" in after:
             majority = summary.get("majority_class_rate")
             baseline = f" (majority class: {majority:.2%})" if majority is not None else ""
@@ -221,3 +237,8 @@ class RichReporter:
             f"({summary['tokens_per_s']:.0f} tok/s); adapter written to {summary.get('output_dir', '')}",
             highlight=False,
         )
+
+
+def _maybe(value: float | None) -> str:
+    """A metric that may be missing (a mean over no example), to three decimals."""
+    return "-" if value is None else f"{value:.3f}"

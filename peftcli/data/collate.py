@@ -19,6 +19,9 @@ restarting at 0 for each example; the padding after a row counts as one more seq
 (0, 1, 2, ...) so it never joins the last example. Their `attention_mask` still marks real tokens, for
 counting, but the model is run without it: the restarting positions are what keep examples apart.
 
+Preference batches hold two rows per example, the first rows then the second ones (PairCollator: chosen then
+rejected; UnpairedCollator: the example's own row then its mismatched row, plus `desirable`).
+
 The task is read from the examples themselves: an int label is seq_cls; label lists are padded to their own
 longest length, which equals the input length for causal_lm and token_cls.
 """
@@ -83,3 +86,19 @@ class PairCollator:
         chosen = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
         rejected = [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
         return self.rows([*chosen, *rejected])
+
+
+class UnpairedCollator:
+    """Unpaired examples (data/formats.py: render_unpaired) as one padded batch: every example's own row, then
+    every example's mismatched row, in the same order, plus `desirable` (examples,), a bool tensor of their
+    labels (train/unpaired.py splits the batch in halves)."""
+
+    def __init__(self, pad_token_id: int):
+        self.rows = PadCollator(pad_token_id)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        matched = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        mismatched = [{"input_ids": e["mismatched_input_ids"], "labels": e["mismatched_labels"]} for e in examples]
+        batch = self.rows([*matched, *mismatched])
+        batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples], dtype=torch.bool)
+        return batch

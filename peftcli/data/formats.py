@@ -101,6 +101,8 @@ class Renderer:
         fmt = self.source.format
         if fmt == "preference":
             return self.render_preference(row, index)
+        if fmt == "unpaired_preference":
+            raise ValueError("unpaired examples are rendered with render_unpaired: each needs another's completion")
         if fmt == "classification":
             return self.render_classification(row, index)
         if fmt == "token_classification":
@@ -201,6 +203,62 @@ class Renderer:
             "rejected_labels": bad["labels"],
             "truncated": good_cut or bad_cut,
         }
+
+    # unpaired preference examples (kto)
+
+    def render_unpaired(self, row: dict, index: int, other: tuple[int, object]) -> dict:
+        """An example labelled desirable or undesirable, rendered as SFT data is (labels on the completion
+        only, prompt tokens cut from the left first), and its mismatched row: the same prompt with the completion
+        of example `other` = (index, completion), which the kl estimate scores (see objectives/kto_loss.py)."""
+        where = f"{self.key}: example {index}"
+        prompt = row.get(self.column("prompt"))
+        if prompt is None or prompt == "" or prompt == []:
+            raise DataError(f"{where}: column {self.column('prompt')} is empty; every unpaired example needs a prompt")
+        desirable = self.desirable(row.get(self.column("label")), index)
+        masked = replace(self, mask_prompt=True)  # the loss is on the completion, whatever mask_prompt says
+        rows = []
+        for at, completion in ((index, row.get(self.column("completion"))), other):
+            if completion is None or completion == "" or completion == []:
+                raise DataError(f"{self.key}: example {at}: column {self.column('completion')} is empty")
+            if isinstance(completion, list):  # checked on its own, so a fault is reported with its own example
+                self.clean_messages(completion, f"{self.key}: example {at}: {self.column('completion')}")
+            if isinstance(completion, list) and (len(completion) != 1 or completion[0].get("role") != "assistant"):
+                raise DataError(
+                    f"{self.key}: example {at}: {self.column('completion')} should be one assistant message (or text)"
+                )
+            if not isinstance(completion, (str, list)):
+                raise DataError(
+                    f"{self.key}: example {at}: column {self.column('completion')} should hold text or one "
+                    "assistant message"
+                )
+            messages = self.pair_side(prompt, completion, "completion", index)
+            if messages is None:
+                rows.append(masked.render_plain(prompt, completion))
+            else:
+                rows.append(masked.render_chat(messages, index, first_labelled_turn=len(messages) - 1))
+        (matched, matched_cut), (mismatched, mismatched_cut) = (self.fit(r) for r in rows)
+        return {
+            "input_ids": matched["input_ids"],
+            "labels": matched["labels"],
+            "mismatched_input_ids": mismatched["input_ids"],
+            "mismatched_labels": mismatched["labels"],
+            "desirable": desirable,
+            "truncated": matched_cut or mismatched_cut,
+        }
+
+    def desirable(self, value, index: int) -> bool:
+        """An unpaired example's label: true/false, also written 1/0 or as the text "true"/"false"."""
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        shown = "empty" if value is None else repr(value)
+        raise DataError(
+            f"{self.key}: example {index}: column {self.column('label')} is {shown}; it should say whether the "
+            "completion is desirable: true or false (also 1 or 0)"
+        )
 
     def pair_side(self, prompt, completion, name: str, index: int) -> list[dict] | None:
         """The messages of one side of a pair (None: plain text, rendered without a chat template).

@@ -48,16 +48,26 @@ def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_name
     def render(row: dict, index: int) -> dict:
         return truncate(renderer(row, index), max_length)
 
+    if renderer.source.format == "unpaired_preference":
+        # The kl estimate's mismatched rows are fixed here, independent of batching and processes: example i
+        # of the split gets the completion of example (i + 1) mod N (a single example gets its own).
+        completions = dataset[renderer.column("completion")]
+
+        def render(row: dict, index: int) -> dict:
+            other = (index + 1) % len(completions)
+            return truncate(renderer.render_unpaired(row, index, (other, completions[other])), max_length)
+
     tokenized = dataset.map(
         render, with_indices=True, remove_columns=list(dataset.column_names), desc=f"tokenizing {key}"
     )
     all_labels = tokenized["labels"]
     label_counts = [_label_count(labels) for labels in all_labels]
     tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    if "rejected_labels" in tokenized.column_names:  # preference pairs: both sides need a completion
-        rejected = [_label_count(labels) for labels in tokenized["rejected_labels"]]
-        tokens += sum(len(ids) for ids in tokenized["rejected_input_ids"])
-        label_counts = [min(a, b) and a + b for a, b in zip(label_counts, rejected, strict=True)]
+    for second in ("rejected", "mismatched"):  # preference pairs, or unpaired examples: both rows need a completion
+        if f"{second}_labels" in tokenized.column_names:
+            other = [_label_count(labels) for labels in tokenized[f"{second}_labels"]]
+            tokens += sum(len(ids) for ids in tokenized[f"{second}_input_ids"])
+            label_counts = [min(a, b) and a + b for a, b in zip(label_counts, other, strict=True)]
     stats = SplitStats(
         examples=len(tokenized),
         truncated=sum(tokenized["truncated"]),

@@ -33,6 +33,6 @@ SPEC = register(
         name="dpo",
         summary="direct preference optimisation on chosen/rejected pairs, against the starting policy",
         options=DpoOptions,
-        capabilities=ObjectiveCapabilities(preference_data=True, reference=True),
+        capabilities=ObjectiveCapabilities(data="pairs", reference=True),
     )
 )

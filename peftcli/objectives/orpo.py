@@ -17,6 +17,6 @@ SPEC = register(
         name="orpo",
         summary="odds-ratio preference optimisation: chosen-answer cross-entropy plus an odds-ratio term",
         options=OrpoOptions,
-        capabilities=ObjectiveCapabilities(preference_data=True, reference=False),
+        capabilities=ObjectiveCapabilities(data="pairs", reference=False),
     )
 )

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Field
 
 from peftcli.recipe.base import StrictModel
 
-BUILT_IN = ("sft", "dpo", "orpo", "simpo")
+BUILT_IN = ("sft", "dpo", "orpo", "simpo", "kto")
+
+
+# The data format each kind of preference objective trains on.
+DATA_FORMATS = {"pairs": "preference", "unpaired": "unpaired_preference"}
 
 
 class ObjectiveOptions(StrictModel):
@@ -24,9 +28,21 @@ class ObjectiveOptions(StrictModel):
 class ObjectiveCapabilities:
     """What an objective needs; validation and the loop read these instead of asking 'is this dpo?'."""
 
-    preference_data: bool  # trains on pairs (data format `preference`)
     reference: bool  # compares with the starting policy's log-probabilities
+    # What it trains on: the task's own formats, preference pairs (format `preference`), or unpaired examples
+    # labelled desirable or undesirable (format `unpaired_preference`).
+    data: Literal["task", "pairs", "unpaired"] = "task"
     tasks: tuple[str, ...] = ("causal_lm",)
+
+    @property
+    def preference_data(self) -> bool:
+        """Trains on preference data of either kind (pairs or unpaired examples), not on the task's formats."""
+        return self.data != "task"
+
+    @property
+    def data_format(self) -> str | None:
+        """The one data format it trains on (None: any of the task's formats)."""
+        return DATA_FORMATS.get(self.data)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ SPEC = register(
         name="sft",
         summary="supervised fine-tuning: next-token (or label) cross-entropy, as the task defines it",
         options=SftOptions,
-        capabilities=ObjectiveCapabilities(
-            preference_data=False, reference=False, tasks=("causal_lm", "seq2seq", "seq_cls", "token_cls")
-        ),
+        capabilities=ObjectiveCapabilities(reference=False, tasks=("causal_lm", "seq2seq", "seq_cls", "token_cls")),
     )
 )

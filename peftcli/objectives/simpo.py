@@ -21,6 +21,6 @@ SPEC = register(
         name="simpo",
         summary="simple preference optimisation: average log-probabilities with a target margin",
         options=SimpoOptions,
-        capabilities=ObjectiveCapabilities(preference_data=True, reference=False),
+        capabilities=ObjectiveCapabilities(data="pairs", reference=False),
     )
 )

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from peftcli.launch.presets import PRESETS, read_engine
-from peftcli.objectives.registry import all_objectives, get_objective, objective_union
+from peftcli.objectives.registry import DATA_FORMATS, all_objectives, get_objective, objective_union
 from peftcli.objectives.sft import SftOptions
 from peftcli.recipe.base import StrictModel
 from peftcli.tuners.registry import TASK_TYPES, all_tuners, get_tuner
@@ -141,7 +141,14 @@ MethodParams = _method_union()
 ObjectiveParams = objective_union()
 
 DataFormat = Literal[
-    "chat", "alpaca", "prompt_completion", "text", "classification", "token_classification", "preference"
+    "chat",
+    "alpaca",
+    "prompt_completion",
+    "text",
+    "classification",
+    "token_classification",
+    "preference",
+    "unpaired_preference",
 ]
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -152,6 +159,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label", "text_pair"),
     "token_classification": ("tokens", "tags"),
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
 # Fields a format can do without: alpaca's input, classification's second text (pair tasks only), and a
 # preference pair's prompt (when chosen and rejected are whole conversations sharing their first turns).
@@ -159,7 +167,7 @@ OPTIONAL_COLUMNS = {"alpaca": {"input"}, "classification": {"text_pair"}, "prefe
 GENERATIVE_FORMATS = ("chat", "alpaca", "prompt_completion", "text")
 # The data formats each task reads (text is language modelling only: a seq2seq model needs a prompt).
 TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "causal_lm": (*GENERATIVE_FORMATS, "preference"),
+    "causal_lm": (*GENERATIVE_FORMATS, "preference", "unpaired_preference"),
     "seq2seq": ("prompt_completion", "alpaca", "chat"),
     "seq_cls": ("classification",),
     "token_cls": ("token_classification",),
@@ -174,7 +182,9 @@ class DataSource(StrictModel):
     format: DataFormat = Field(
         description="chat (a list of role/content messages), alpaca (instruction/input/output), "
         "prompt_completion, text (plain language modelling), classification (text, label and an optional "
-        "text_pair) or token_classification (tokens: a list of words, tags: one label per word)."
+        "text_pair), token_classification (tokens: a list of words, tags: one label per word), preference "
+        "(prompt, chosen, rejected) or unpaired_preference (prompt, completion and a true/false label: "
+        "desirable or not)."
     )
     split: str = Field("train", description="Split to read (hub datasets, or the split a local file becomes).")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
@@ -397,6 +407,20 @@ def quantized_refusal(spec) -> str:
     return "its layers need the base weights in floating point"
 
 
+def _preference_format_refusal(objective: str, wanted: str, given: str) -> str:
+    """Why objective `objective`, which trains on format `wanted`, refuses data of format `given`."""
+    what = {
+        "preference": "preference pairs (prompt, chosen, rejected)",
+        "unpaired_preference": "unpaired examples (prompt, completion, label)",
+    }
+    text = f"objective {objective} trains on {what[wanted]}; set format: {wanted}, not {given}"
+    kind = next((k for k, f in DATA_FORMATS.items() if f == given), None)
+    if kind is not None:  # the other kind of preference data: say which objectives read it
+        able = [n for n, s in all_objectives().items() if s.capabilities.data == kind]
+        text += f" (format {given} trains with objective.name {' or '.join(able)})"
+    return text
+
+
 class Recipe(StrictModel):
     """A complete fine-tuning recipe."""
 
@@ -404,8 +428,8 @@ class Recipe(StrictModel):
     method: MethodParams = Field(description="The adapter method and its options; `name` picks the method.")
     objective: ObjectiveParams = Field(
         default_factory=SftOptions,
-        description="What the loss is: sft (the default), or a preference objective (dpo, orpo, simpo) on "
-        "data of format preference; `name` picks it.",
+        description="What the loss is: sft (the default), a preference objective (dpo, orpo, simpo) on "
+        "data of format preference, or kto on data of format unpaired_preference; `name` picks it.",
     )
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -494,22 +518,21 @@ class Recipe(StrictModel):
         sources = [("data.train", self.data.train)]
         if isinstance(self.data.validation, DataSource):
             sources.append(("data.validation", self.data.validation))
-        pairs = [n for n, s in all_objectives().items() if s.capabilities.preference_data]
+        wanted = spec.capabilities.data_format
         for key, source in sources:
-            if spec.capabilities.preference_data and source.format != "preference":
+            if wanted is not None and source.format != wanted:
+                raise ValueError(f"{key}.format: {_preference_format_refusal(spec.name, wanted, source.format)}")
+            if wanted is None and source.format in DATA_FORMATS.values():
+                kind = next(k for k, f in DATA_FORMATS.items() if f == source.format)
+                able = [n for n, s in all_objectives().items() if s.capabilities.data == kind]
+                what = "preference pairs" if kind == "pairs" else "unpaired preference examples"
                 raise ValueError(
-                    f"{key}.format: objective {spec.name} trains on preference pairs (prompt, chosen, rejected); "
-                    f"set format: preference, not {source.format}"
-                )
-            if not spec.capabilities.preference_data and source.format == "preference":
-                raise ValueError(
-                    f"{key}.format: preference pairs need a preference objective; set objective.name to one of "
-                    f"{', '.join(pairs)}"
+                    f"{key}.format: {what} need a preference objective; set objective.name to "
+                    f"{'one of ' if len(able) > 1 else ''}{', '.join(able)}"
                 )
         if spec.capabilities.preference_data and self.data.packing is True:
-            raise ValueError(
-                f"data.packing: objective {spec.name} compares each pair's two sides row by row; set it to false"
-            )
+            rows = "each pair's two sides" if spec.capabilities.data == "pairs" else "each example's two rows"
+            raise ValueError(f"data.packing: objective {spec.name} compares {rows} row by row; set it to false")
         sharded = self.launch is not None and read_engine(self.launch.preset).shards_parameters
         if spec.capabilities.reference and sharded:
             raise ValueError(

@@ -10,15 +10,15 @@ import torch
 from peftcli.data.formats import IGNORE_INDEX
 from peftcli.train.losses import GENERATIVE_TASKS, batch_loss_sums, correct_counts, forward_logits
 from peftcli.train.objective import TaskObjective
-from peftcli.train.preference import METRICS, PreferenceObjective
+from peftcli.train.preference import RewardObjective
 
 
 @torch.no_grad()
 def evaluate_loss(model, dataloader, accelerator, objective: TaskObjective) -> dict:
     """Label-weighted mean loss over the whole validation set (gathered across processes), plus perplexity for
     generative tasks and accuracy for classification."""
-    if isinstance(objective, PreferenceObjective):
-        return _evaluate_pairs(model, dataloader, accelerator, objective)
+    if isinstance(objective, RewardObjective):
+        return _evaluate_preference(model, dataloader, accelerator, objective)
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss, labels, correct, predicted labels
@@ -47,22 +47,24 @@ def evaluate_loss(model, dataloader, accelerator, objective: TaskObjective) -> d
     return result
 
 
-def _evaluate_pairs(model, dataloader, accelerator, objective: PreferenceObjective) -> dict:
-    """Mean pair loss over the validation pairs, with the mean rewards, margin, reward accuracy (the share of
-    pairs the model ranks right) and log-probabilities."""
+def _evaluate_preference(model, dataloader, accelerator, objective: RewardObjective) -> dict:
+    """Mean loss over the validation examples (pairs, or unpaired examples), with the objective's metrics over
+    them: pairs report mean rewards, margin, reward accuracy (the share of pairs the model ranks right) and
+    log-probabilities; kto reports its own (train/unpaired.py)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(1 + len(METRICS), dtype=torch.float64)
-    pairs = 0
+    totals = None
+    examples = 0
     for batch in dataloader:
-        losses, values = objective.pair_terms(model, batch)
+        losses, values = objective.terms(model, batch)
         rows = accelerator.gather_for_metrics(torch.cat([losses.detach().double()[:, None], values], dim=1))
-        totals += rows.sum(dim=0).cpu()
-        pairs += rows.shape[0]
+        totals = rows.sum(dim=0).cpu() if totals is None else totals + rows.sum(dim=0).cpu()
+        examples += rows.shape[0]
     model.train(was_training)
-    means = (totals / max(1, pairs)).tolist()
-    result = {"eval_loss": means[0], "eval_pairs": pairs}
-    result.update({f"eval_{name}": value for name, value in zip(METRICS, means[1:], strict=True)})
+    if totals is None:  # prepare_data never leaves a validation set empty
+        return {"eval_loss": float("nan"), f"eval_{objective.unit}": 0}
+    result = {"eval_loss": float(totals[0]) / max(1, examples), f"eval_{objective.unit}": examples}
+    result.update({f"eval_{name}": value for name, value in objective.metric_means(totals[1:]).items()})
     return result
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import peftcli
-from peftcli.data.collate import PadCollator, PairCollator
+from peftcli.data.collate import PadCollator, PairCollator, UnpairedCollator
 from peftcli.data.packing import PackedDataset, padding_share, shuffled
 from peftcli.data.prepare import prepare_data
 from peftcli.data.sampler import LengthGroupedSampler
@@ -57,7 +57,7 @@ from peftcli.train.head_loss import HeadUnsupported, OutputHead
 from peftcli.train.objective import Objective, TaskObjective
 from peftcli.train.optim import LearningRateSchedule, build_optimizer
 from peftcli.train.preemption import RunStopped, StopRequest
-from peftcli.train.preference import METRICS, PreferenceObjective, StartingPolicy
+from peftcli.train.preference import PreferenceObjective, RewardObjective, StartingPolicy
 from peftcli.train.resume_rules import check_resume_changes
 from peftcli.train.run_dir import (
     METRICS_FILE,
@@ -81,6 +81,7 @@ from peftcli.train.run_dir import (
     write_trainer_state,
 )
 from peftcli.train.safe_write import out_of_space, write_text_atomic
+from peftcli.train.unpaired import UnpairedObjective
 from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
@@ -237,7 +238,7 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
         check_resume_changes(out_dir / RECIPE_FILE, recipe_to_dict(recipe))
     accelerator, engine, whole_base = _accelerator(recipe)
     pairs = get_objective(recipe.objective.name).capabilities.preference_data
-    capable = get_tuner(recipe.method.name).capabilities.packing and not pairs  # a pair's rows stay whole
+    capable = get_tuner(recipe.method.name).capabilities.packing and not pairs  # an example's rows stay whole
     packing = packing_wanted(recipe, capable, planned_attention(recipe.model))
     tokenizer, data, train_loader, eval_loader, batching = _data(recipe, accelerator, reporter, packing)
     total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
@@ -313,6 +314,9 @@ def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool):
     if "rejected_input_ids" in data.train.column_names:  # preference pairs: both sides in one batch
         collator = PairCollator(tokenizer.pad_token_id)
         lengths = [max(a, len(b)) for a, b in zip(lengths, data.train["rejected_input_ids"], strict=True)]
+    if "mismatched_input_ids" in data.train.column_names:  # unpaired examples: own and mismatched rows together
+        collator = UnpairedCollator(tokenizer.pad_token_id)
+        lengths = [max(a, len(b)) for a, b in zip(lengths, data.train["mismatched_input_ids"], strict=True)]
     random_padding = padding_share(lengths, batch, shuffled(len(lengths), seed))
     validation = data.validation
     if packing:
@@ -383,6 +387,8 @@ def build_objective(recipe: Recipe, model) -> Objective:
     if not spec.capabilities.preference_data:
         return tokens
     reference = StartingPolicy.snapshot(model) if spec.capabilities.reference else None
+    if spec.capabilities.data == "unpaired":
+        return UnpairedObjective(recipe.objective, tokens, reference)
     return PreferenceObjective(recipe.objective, tokens, reference)
 
 
@@ -556,9 +562,9 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
 
     value = float(accelerator.reduce(loss_sum, "sum")) / labels
     extra = {}
-    if isinstance(run.objective, PreferenceObjective):  # rewards, margin, accuracy: means over the window's pairs
+    if isinstance(run.objective, RewardObjective):  # rewards, margin...: means over the window's examples
         sums = accelerator.reduce(run.objective.take_metrics(accelerator.device), "sum")
-        extra = {name: float(total) / labels for name, total in zip(METRICS, sums, strict=True)}
+        extra = run.objective.metric_means(sums)
     state = run.state
     state.step += 1
     state.micro_batches += accumulation

@@ -1,6 +1,11 @@
 """Preference objectives in the loop (dpo, orpo, simpo): a batch holds each pair's chosen rows, then its
 rejected rows (data/collate.py: PairCollator); the loss is summed per pair, and the implicit rewards are
-summed for the metrics.
+summed for the metrics. kto's side, on unpaired examples, is in train/unpaired.py.
+
+Every preference objective logs its own metrics (`metric_names`) the same way: `terms` gives each example's
+loss and a row of metric values whose column sums, over any examples, any micro-batches and any processes, are
+all that `metric_means` needs to turn them into the logged means. So a step adds its rows up on each process
+and all-reduces the sums once, and evaluation gathers the rows of the whole validation set.
 
 The reference policy is the starting policy: the trainable tensors as they were before the first step (a new
 adapter's identity, or the adapter training started from), swapped in for a no-grad forward. It costs one
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -19,6 +25,26 @@ from peftcli.objectives.pair_losses import PairLogps, pair_loss
 from peftcli.train.objective import TaskObjective
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
+
+
+@runtime_checkable
+class RewardObjective(Protocol):
+    """A preference objective: its loss per example (a pair, or an unpaired example) and its reward metrics."""
+
+    unit: str  # what an example is called in metrics and messages: "pairs", "examples"
+    metric_names: tuple[str, ...]
+
+    def terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example losses, and per-example metric rows (examples, columns) whose sums metric_means reads."""
+        ...
+
+    def take_metrics(self, device) -> torch.Tensor:
+        """The metric rows' sums since the last call, and start again."""
+        ...
+
+    def metric_means(self, sums: torch.Tensor) -> dict[str, float | None]:
+        """The logged metrics from metric row sums (over micro-batches and processes)."""
+        ...
 
 
 @dataclass
@@ -58,6 +84,8 @@ class PreferenceObjective:
     tokens: TaskObjective  # per-row completion cross-entropy sums (chunked from the hidden state when set)
     reference: StartingPolicy | None = None
     sums: torch.Tensor | None = None  # metric sums since the last take_metrics
+    unit = "pairs"
+    metric_names = METRICS
 
     @property
     def head(self):
@@ -95,13 +123,31 @@ class PreferenceObjective:
         values = (chosen_rewards, rejected_rewards, margin, ranked, logps.chosen, logps.rejected)
         return losses, torch.stack([v.detach().double() for v in values], dim=1)
 
-    def loss_sum(self, model, batch: dict) -> torch.Tensor:
+    def terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses, and per-pair rows: 1 (the pair count), then the METRICS values."""
         losses, values = self.pair_terms(model, batch)
-        self.sums = values.sum(dim=0) if self.sums is None else self.sums + values.sum(dim=0)
+        return losses, torch.cat([torch.ones_like(values[:, :1]), values], dim=1)
+
+    def loss_sum(self, model, batch: dict) -> torch.Tensor:
+        losses, rows = self.terms(model, batch)
+        self.sums = add_rows(self.sums, rows)
         return losses.sum()
 
     def take_metrics(self, device) -> torch.Tensor:
-        """The metric sums (METRICS order) since the last call, and start again."""
-        sums = self.sums if self.sums is not None else torch.zeros(len(METRICS), dtype=torch.float64)
-        self.sums = None
+        sums, self.sums = taken(self.sums, 1 + len(METRICS)), None
         return sums.to(device)
+
+    def metric_means(self, sums: torch.Tensor) -> dict[str, float | None]:
+        """Every metric is a mean over the pairs."""
+        pairs = max(1.0, float(sums[0]))
+        return {name: float(total) / pairs for name, total in zip(METRICS, sums[1:], strict=True)}
+
+
+def add_rows(sums: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Running column sums of metric rows."""
+    return rows.sum(dim=0) if sums is None else sums + rows.sum(dim=0)
+
+
+def taken(sums: torch.Tensor | None, columns: int) -> torch.Tensor:
+    """The running sums, zeros when no batch added any (float64, for exact sums across processes)."""
+    return sums if sums is not None else torch.zeros(columns, dtype=torch.float64)

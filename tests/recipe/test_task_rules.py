@@ -63,14 +63,17 @@ def test_matching_task_and_format_load(tmp_path: Path, model_dir: Path, data_fil
     assert loaded.model.task == task and loaded.data.train.format == fmt
 
 
+CAUSAL_LM_FORMATS = "chat, alpaca, prompt_completion, text, preference or unpaired_preference"
+
+
 @pytest.mark.parametrize(
     ("task", "fmt", "wanted"),
     [
         ("seq_cls", "prompt_completion", "classification"),
         ("seq_cls", "token_classification", "classification"),
         ("token_cls", "classification", "token_classification"),
-        ("causal_lm", "classification", "chat, alpaca, prompt_completion, text or preference"),
-        ("causal_lm", "token_classification", "chat, alpaca, prompt_completion, text or preference"),
+        ("causal_lm", "classification", CAUSAL_LM_FORMATS),
+        ("causal_lm", "token_classification", CAUSAL_LM_FORMATS),
         ("seq2seq", "text", "prompt_completion, alpaca or chat"),
         ("seq2seq", "classification", "prompt_completion, alpaca or chat"),
     ],

@@ -431,3 +431,52 @@ def test_dpo_on_two_processes_equals_one_process(preset, tmp_path, tiny_model_di
     eval_one, eval_two = ([r for r in records[n] if r["type"] == "eval"][-1] for n in ("one", "two"))
     assert eval_two["eval_pairs"] == eval_one["eval_pairs"] == 8
     assert eval_two["eval_loss"] == pytest.approx(eval_one["eval_loss"], rel=1e-6)
+
+
+def test_kto_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, copy_data):
+    """kto's kl estimate is added up over both processes' mismatched rows (fixed when the data is prepared),
+    so each process computes the loss one process computes on the whole micro-batch."""
+    from peftcli.examples.tiny import copy_task, write_jsonl
+    from peftcli.train.unpaired import METRICS
+
+    rows = copy_task(64, seed=4)
+    examples = write_jsonl(tmp_path / "unpaired.jsonl", [
+        {"prompt": r["prompt"], "completion": r["completion"] if i % 3 else rows[(i + 5) % 64]["completion"],
+         "label": bool(i % 3)}
+        for i, r in enumerate(rows)
+    ])  # fmt: skip
+
+    def recipe(out: str, batch: int) -> dict:
+        base = _recipe(tmp_path, tiny_model_dir, copy_data, out, batch_size=batch, eval_generation=None)
+        base["objective"] = {"name": "kto", "beta": 0.1, "undesirable_weight": 1.5}
+        base["data"] = {"train": {"path": str(examples), "format": "unpaired_preference"},
+                        "validation": {"fraction": 0.125}, "max_length": 64}  # fmt: skip
+        return base
+
+    train(validate_recipe_dict(recipe("one", PER_DEVICE * WORLD), "one.yaml"))
+    recipe_file = write_recipe(tmp_path / "r.yaml", recipe("two", PER_DEVICE))
+    result = _launch(recipe_file, "ddp")
+    if not _finished(tmp_path / "two"):
+        result = _launch(recipe_file, "ddp", "--overwrite")
+    assert _finished(tmp_path / "two"), result.stderr[-3000:]
+    records = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
+    one, two = ([r for r in records[n] if r["type"] == "train"] for n in ("one", "two"))
+    assert len(one) == len(two) == STEPS and any(r["kl"] > 0 for r in one)  # the estimate is used, not clamped away
+    for a, b in zip(one, two, strict=True):
+        # float32 sums in another order: 1e-6 relative; kl and the rewards are differences of log-probabilities
+        # (sums of tens of tokens, |logp| up to ~50), so their bound is 1e-6 of those (times beta for the
+        # rewards), not of the difference
+        scale = max(abs(a[key] or 0.0) for key in ("logps/chosen", "logps/rejected"))
+        for key in ("loss", *METRICS):
+            bound = {"kl": 1e-6 * scale, "rewards/": 0.1 * 1e-6 * scale}.get(key[:8], 1e-6)
+            expected = a[key] if a[key] is None else pytest.approx(a[key], rel=1e-6, abs=bound)
+            assert b[key] == expected, (key, a, b)
+    eval_one, eval_two = ([r for r in records[n] if r["type"] == "eval"][-1] for n in ("one", "two"))
+    assert eval_two["eval_examples"] == eval_one["eval_examples"] == 8
+    scale = max(abs(eval_one[key] or 0.0) for key in ("eval_logps/chosen", "eval_logps/rejected"))
+    assert eval_two["eval_loss"] == pytest.approx(eval_one["eval_loss"], rel=1e-6)
+    for key in ("eval_kl", "eval_rewards/margin"):
+        assert eval_two[key] == pytest.approx(eval_one[key], rel=1e-6, abs=1e-6 * scale), key
