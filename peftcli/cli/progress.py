@@ -28,6 +28,8 @@ def print_plan(recipe: Recipe, mode: str, adapted: str | None = None) -> None:
     table.add_row("method", f"{recipe.method.name} " + ", ".join(f"{k}={v}" for k, v in params.items()))
     if adapted:
         table.add_row("adapts", adapted)
+    if recipe.model.adapter:
+        table.add_row("starts from", f"the adapter in {recipe.model.adapter} (training continues it)")
     objective = recipe.objective.model_dump(exclude={"name"})
     table.add_row("objective", f"{recipe.objective.name} " + ", ".join(f"{k}={v}" for k, v in objective.items()))
     train_src = recipe.data.train

@@ -16,6 +16,7 @@ from peftcli.launch.presets import PRESETS, read_engine
 from peftcli.objectives.registry import DATA_FORMATS, all_objectives, get_objective, objective_union
 from peftcli.objectives.sft import SftOptions
 from peftcli.recipe.base import StrictModel
+from peftcli.recipe.start_adapter import adapter_directory_problem, method_mismatch
 from peftcli.tuners.registry import TASK_TYPES, all_tuners, get_tuner
 
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -118,6 +119,13 @@ class ModelSection(StrictModel):
         None,
         description="Quantize the frozen base with bitsandbytes on load (QLoRA: {bits: 4}); null keeps it as is.",
     )
+    adapter: str | None = Field(
+        None,
+        description="A trained adapter to start from (a finished run directory or an adapter directory), e.g. "
+        "the SFT run before a DPO run. Training continues its tensors, so `method` must be its method with the "
+        "same options; preference objectives compare against it (the starting policy). summary.json records the "
+        "chain of adapters.",
+    )
 
     @field_validator("name_or_path")
     @classmethod
@@ -128,6 +136,17 @@ class ModelSection(StrictModel):
     @classmethod
     def _tokenizer_exists(cls, value: str | None) -> str | None:
         return None if value is None else _check_local_path(value, "tokenizer")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_is_finished(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(os.path.expanduser(value))
+        problem = adapter_directory_problem(path)
+        if problem:
+            raise ValueError(problem)
+        return str(path)
 
 
 def _method_union() -> Any:
@@ -538,6 +557,21 @@ class Recipe(StrictModel):
             raise ValueError(
                 f"launch.preset: objective {spec.name} computes its reference by swapping in the starting adapter, "
                 "which sharded parameters do not allow; use ddp, zero1 or zero2"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _start_adapter_fits(self) -> Recipe:
+        if self.model.adapter is None:
+            return self
+        problem = method_mismatch(Path(self.model.adapter), self.method)
+        if problem:
+            raise ValueError(problem)
+        engine = read_engine(self.launch.preset) if self.launch is not None else None
+        if engine is not None and engine.kind == "deepspeed" and engine.zero_stage == 3:
+            raise ValueError(
+                "model.adapter: under ZeRO-3 the new adapter is built partitioned and cannot be filled from a saved "
+                "one; use ddp, zero2 or fsdp2"
             )
         return self
 

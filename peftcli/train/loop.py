@@ -42,6 +42,7 @@ from peftcli.models.quantized_layers import parameter_count
 from peftcli.objectives.registry import get_objective
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
+from peftcli.recipe.start_adapter import start_chain
 from peftcli.train.checkpoint import fsdp_adapter_checkpoints, install_adapter_only_hooks
 from peftcli.train.evaluate import evaluate_loss, generation_score, majority_class_rate, prompt_ids
 from peftcli.train.fast_path import (
@@ -82,7 +83,7 @@ from peftcli.train.run_dir import (
 )
 from peftcli.train.safe_write import out_of_space, write_text_atomic
 from peftcli.train.unpaired import UnpairedObjective
-from peftcli.tuners.adapter import AdapterInfo, apply_adapter, save_adapter
+from peftcli.tuners.adapter import AdapterInfo, apply_adapter, continue_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
 
@@ -372,6 +373,8 @@ def _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data,
                 f"method: the {recipe.method.name} adapter does not fit in memory{size}; lower its size (method.r, "
                 "or the method's size setting)"
             ) from None
+        if recipe.model.adapter is not None:
+            continue_adapter(model, recipe.model.adapter)
     if recipe.training.activation_checkpointing:
         enable_activation_checkpointing(model)
     if recipe.training.compile:
@@ -416,6 +419,8 @@ def _facts(run: Run) -> dict:
         "label_names": getattr(data, "label_names", None),
         "device": str(run.accelerator.device),
         "data_stats": {k: vars(v) for k, v in data.stats.items()},
+        # read when the run starts: the adapter directory may be trained again while this run goes on
+        "start_chain": start_chain(Path(run.recipe.model.adapter)) if run.recipe.model.adapter else None,
     }
 
 
@@ -423,7 +428,16 @@ def _notes(run: Run) -> list[str]:
     """What the plan should tell the user besides its numbers."""
     info = run.info
     experts = experts_left_out(run.unwrapped, [*info.param_names, *info.targeted_parameters])
-    return [experts] if experts else []
+    notes = [experts] if experts else []
+    chain = run.facts.get("start_chain")
+    if chain:
+        start = chain[-1]
+        notes.append(f"starts from the {start['method']} adapter in {start['adapter']} (training continues it)")
+        if start["base_model"] not in (None, run.recipe.model.name_or_path):
+            notes.append(
+                f"model.adapter was trained on {start['base_model']}; this run loads {run.recipe.model.name_or_path}"
+            )
+    return notes
 
 
 def _check_fast_paths(run: Run, packed: PackedDataset | None, reporter: Reporter) -> dict:
@@ -720,6 +734,7 @@ def _summary(run: Run) -> dict:
         **{key: facts[key] for key in kept},
         "majority_class_rate": majority_class_rate(run.data.validation, run.recipe.model.task),
         "output_dir": str(run.out_dir),
+        **({"start_chain": facts["start_chain"]} if facts.get("start_chain") else {}),
         "versions": {
             "peftcli": peftcli.__version__,
             "torch": torch.__version__,

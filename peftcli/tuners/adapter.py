@@ -259,6 +259,17 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             param.copy_(tensor.to(param.dtype))
 
 
+def continue_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Fill the model's fresh adapter with a saved adapter's tensors (`model.adapter`: training continues them)."""
+    try:
+        load_adapter_tensors(model, read_adapter_weights(adapter_dir))
+    except AdapterError as exc:
+        hint = ""
+        if "missing" in str(exc) or "unexpected" in str(exc):
+            hint = "; method.target_modules (and modules_to_save) must select what that adapter's run selected"
+        raise AdapterError(f"model.adapter: {adapter_dir}: {exc}{hint}") from None
+
+
 def merge_refusal(method: str) -> str:
     """Why a method cannot be merged into the base weights, and what to do instead."""
     spec = get_tuner(method)
