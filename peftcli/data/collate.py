@@ -85,7 +85,7 @@ class PairCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         chosen = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
         rejected = [{"input_ids": e["rejected_input_ids"], "labels": e["rejected_labels"]} for e in examples]
-        return self.rows([*chosen, *rejected])
+        return with_rows(self.rows([*chosen, *rejected]), examples)
 
 
 class UnpairedCollator:
@@ -101,4 +101,11 @@ class UnpairedCollator:
         mismatched = [{"input_ids": e["mismatched_input_ids"], "labels": e["mismatched_labels"]} for e in examples]
         batch = self.rows([*matched, *mismatched])
         batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in examples], dtype=torch.bool)
-        return batch
+        return with_rows(batch, examples)
+
+
+def with_rows(batch: dict, examples: list[dict]) -> dict:
+    """`row` (examples,), where the examples carry one: their place in the precomputed reference table."""
+    if "row" in examples[0]:
+        batch["row"] = torch.tensor([e["row"] for e in examples], dtype=torch.long)
+    return batch

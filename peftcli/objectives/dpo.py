@@ -6,12 +6,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from peftcli.objectives.registry import ObjectiveCapabilities, ObjectiveOptions, ObjectiveSpec, beta_field, register
+from peftcli.objectives.registry import (
+    ObjectiveCapabilities,
+    ObjectiveOptions,
+    ObjectiveSpec,
+    beta_field,
+    reference_field,
+    register,
+)
 
 
 class DpoOptions(ObjectiveOptions):
     name: Literal["dpo"] = "dpo"
     beta: float = beta_field(0.1, "Strength of the pull towards the reference policy (IPO: its tau).")
+    reference: Literal["auto", "live", "precomputed"] = reference_field()
     loss: Literal["sigmoid", "ipo", "robust", "hinge"] = Field(
         "sigmoid",
         description="sigmoid (the DPO paper), ipo (squared, on per-token log-ratios), robust (for noisy "

@@ -7,12 +7,20 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftcli.objectives.registry import ObjectiveCapabilities, ObjectiveOptions, ObjectiveSpec, beta_field, register
+from peftcli.objectives.registry import (
+    ObjectiveCapabilities,
+    ObjectiveOptions,
+    ObjectiveSpec,
+    beta_field,
+    reference_field,
+    register,
+)
 
 
 class KtoOptions(ObjectiveOptions):
     name: Literal["kto"] = "kto"
     beta: float = beta_field(0.1, "Scale of the log-ratio to the reference policy inside the sigmoid.")
+    reference: Literal["auto", "live", "precomputed"] = reference_field()
     desirable_weight: float = Field(
         1.0,
         gt=0,

@@ -85,3 +85,21 @@ def objective_union():
 
 def beta_field(default: float, what: str):
     return Field(default, gt=0, le=1000, description=what)
+
+
+def reference_field():
+    return Field(
+        "auto",
+        description="How the starting policy's log-probabilities are had. live: its trainable tensors are kept "
+        "and swapped in for a no-grad forward each step. precomputed: one pass over the data before the first "
+        "step, kept in the run directory (no second forward per step, no copy of the trainable tensors; works "
+        "when parameters are sharded). auto: precomputed for methods that train base weights and under sharded "
+        "presets (zero3, fsdp2), else live.",
+    )
+
+
+def reference_mode(chosen: str, trains_base: bool, sharded: bool) -> str:
+    """live or precomputed, for an objective's `reference` option (auto resolved by method and launch)."""
+    if chosen != "auto":
+        return chosen
+    return "precomputed" if trains_base or sharded else "live"

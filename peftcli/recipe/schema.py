@@ -13,7 +13,13 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from peftcli.launch.presets import PRESETS, read_engine
-from peftcli.objectives.registry import DATA_FORMATS, all_objectives, get_objective, objective_union
+from peftcli.objectives.registry import (
+    DATA_FORMATS,
+    all_objectives,
+    get_objective,
+    objective_union,
+    reference_mode,
+)
 from peftcli.objectives.sft import SftOptions
 from peftcli.recipe.base import StrictModel
 from peftcli.recipe.start_adapter import adapter_directory_problem, method_mismatch
@@ -553,12 +559,20 @@ class Recipe(StrictModel):
             rows = "each pair's two sides" if spec.capabilities.data == "pairs" else "each example's two rows"
             raise ValueError(f"data.packing: objective {spec.name} compares {rows} row by row; set it to false")
         sharded = self.launch is not None and read_engine(self.launch.preset).shards_parameters
-        if spec.capabilities.reference and sharded:
+        if sharded and self.reference_mode() == "live":
             raise ValueError(
-                f"launch.preset: objective {spec.name} computes its reference by swapping in the starting adapter, "
-                "which sharded parameters do not allow; use ddp, zero1 or zero2"
+                f"objective.reference: live swaps the starting adapter in for each reference forward, which sharded "
+                f"parameters ({self.launch.preset}) do not allow; set precomputed (or auto), or use ddp, zero1 or zero2"
             )
         return self
+
+    def reference_mode(self) -> str | None:
+        """How the objective's reference log-probabilities are had: live, precomputed, or None (no reference)."""
+        if not get_objective(self.objective.name).capabilities.reference:
+            return None
+        sharded = self.launch is not None and read_engine(self.launch.preset).shards_parameters
+        trains_base = get_tuner(self.method.name).capabilities.kind == "trains_base"
+        return reference_mode(self.objective.reference, trains_base, sharded)
 
     @model_validator(mode="after")
     def _start_adapter_fits(self) -> Recipe:

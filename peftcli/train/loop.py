@@ -39,7 +39,7 @@ from peftcli.models.load import (
 )
 from peftcli.models.quantize import describe_quantization
 from peftcli.models.quantized_layers import parameter_count
-from peftcli.objectives.registry import get_objective
+from peftcli.objectives.registry import get_objective, reference_mode
 from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.recipe.start_adapter import start_chain
@@ -59,6 +59,7 @@ from peftcli.train.objective import Objective, TaskObjective
 from peftcli.train.optim import LearningRateSchedule, build_optimizer
 from peftcli.train.preemption import RunStopped, StopRequest
 from peftcli.train.preference import PreferenceObjective, RewardObjective, StartingPolicy
+from peftcli.train.reference_logps import ReferenceTable, compute_table, fingerprint, load_table, save_table
 from peftcli.train.resume_rules import check_resume_changes
 from peftcli.train.run_dir import (
     METRICS_FILE,
@@ -241,7 +242,8 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     pairs = get_objective(recipe.objective.name).capabilities.preference_data
     capable = get_tuner(recipe.method.name).capabilities.packing and not pairs  # an example's rows stay whole
     packing = packing_wanted(recipe, capable, planned_attention(recipe.model))
-    tokenizer, data, train_loader, eval_loader, batching = _data(recipe, accelerator, reporter, packing)
+    reference = _reference_mode(recipe, engine)
+    tokenizer, data, train_loader, eval_loader, batching = _data(recipe, accelerator, reporter, packing, reference)
     total_steps = _total_steps(recipe.training, math.ceil(len(train_loader) / accelerator.num_processes))
     model, info = _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data, total_steps, reporter)
     optimizer = build_optimizer(model, recipe.training, info.implementation.optimizer_groups(model, recipe.method))
@@ -263,7 +265,7 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
         model=model,
         unwrapped=unwrapped,
         info=info,
-        objective=build_objective(recipe, unwrapped),
+        objective=build_objective(recipe, unwrapped, reference),
         optimizer=optimizer,
         schedule=LearningRateSchedule(recipe.training, total_steps),
         total_steps=total_steps,
@@ -271,10 +273,47 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     )
     probe = _check_fast_paths(run, packed, reporter) if recipe.model.task == "causal_lm" else None
     loss = "chunked" if run.objective.head else "full"
-    run.facts = {**_facts(run), **batching, "cross_entropy": loss, "probe": probe}
+    run.facts = {**_facts(run), **batching, "cross_entropy": loss, "probe": probe, "reference": reference}
     run.notes += _notes(run)
+    table = _reference_table(run, reporter) if reference == "precomputed" else None  # before a checkpoint loads
     _start_or_resume(run, reporter)
+    if table is not None and run.main:
+        save_table(run.out_dir, table, fingerprint((run.data.train, run.data.validation)))
     return run
+
+
+def _reference_mode(recipe: Recipe, engine: Engine) -> str | None:
+    """live or precomputed reference log-probabilities (None: the objective has no reference)."""
+    if not get_objective(recipe.objective.name).capabilities.reference:
+        return None
+    trains_base = get_tuner(recipe.method.name).capabilities.kind == "trains_base"
+    mode = reference_mode(recipe.objective.reference, trains_base, engine.shards_parameters)
+    if mode == "live" and engine.shards_parameters:
+        raise PeftCliError(
+            f"objective.reference: live swaps the starting adapter in, which {engine.describe()} does not allow; "
+            "set precomputed (or auto)"
+        )
+    return mode
+
+
+def _reference_table(run: Run, reporter: Reporter) -> torch.Tensor:
+    """The starting policy's log-probabilities of every train and validation example (in `row` order): read
+    back from a resumed run's directory when computed on the same data, else computed now."""
+    splits = (run.data.train, run.data.validation)
+    rows = sum(len(split) for split in splits if split is not None)
+    expected = fingerprint(splits)
+    table = load_table(run.out_dir, expected, rows) if run.mode == "resume" else None
+    if table is None:
+        reporter.message(f"computing the reference log-probabilities of {rows} examples (once, before the first step)")
+        collator = run.train_loader.collate_fn
+        parts = [
+            compute_table(run.model, split, collator, run.objective.tokens, run.accelerator,
+                          run.recipe.training.batch_size, reporter.message)
+            for split in splits if split is not None
+        ]  # fmt: skip
+        table = torch.cat(parts)
+    run.objective.reference = ReferenceTable(table)
+    return table
 
 
 def _accelerator(recipe: Recipe):
@@ -302,13 +341,18 @@ def _accelerator(recipe: Recipe):
     return accelerator, describe_engine(accelerator), whole_base
 
 
-def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool):
+def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool, reference: str | None = None):
     """The tokenizer, the prepared data, their loaders (tokenized once, by the main process first), and how
     batches are formed: packed rows, length-grouped or random, with the padding share it leaves."""
     reporter.message(f"loading tokenizer and data for {recipe.model.name_or_path}")
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # the other processes read the datasets cache
         data = prepare_data(recipe, tokenizer)
+    if reference == "precomputed":  # each example's place in the reference table: train, then validation
+        data.train = data.train.add_column("row", list(range(len(data.train))))
+        if data.validation is not None:
+            offset = len(data.train)
+            data.validation = data.validation.add_column("row", list(range(offset, offset + len(data.validation))))
     batch, seed = recipe.training.batch_size, recipe.training.seed
     lengths = [len(ids) for ids in data.train["input_ids"]]
     collator = PadCollator(tokenizer.pad_token_id)
@@ -382,14 +426,15 @@ def _model_and_adapter(recipe, accelerator, engine, whole_base, tokenizer, data,
     return model, info
 
 
-def build_objective(recipe: Recipe, model) -> Objective:
-    """The recipe's objective over the prepared model; a reference objective snapshots the trainable tensors
-    now, before any step or checkpoint load: they are the starting policy."""
+def build_objective(recipe: Recipe, model, reference_mode: str | None = "live") -> Objective:
+    """The recipe's objective over the prepared model; a live reference snapshots the trainable tensors now,
+    before any step or checkpoint load: they are the starting policy (a precomputed one is filled in later)."""
     tokens = TaskObjective(recipe.model.task, model.config)
     spec = get_objective(recipe.objective.name)
     if not spec.capabilities.preference_data:
         return tokens
-    reference = StartingPolicy.snapshot(model) if spec.capabilities.reference else None
+    live = spec.capabilities.reference and reference_mode == "live"
+    reference = StartingPolicy.snapshot(model) if live else None
     if spec.capabilities.data == "unpaired":
         return UnpairedObjective(recipe.objective, tokens, reference)
     return PreferenceObjective(recipe.objective, tokens, reference)
@@ -710,7 +755,7 @@ def _summary(run: Run) -> dict:
     losses = [r["loss"] for r in records if r["type"] == "train"]
     tail, state, facts = losses[-10:], run.state, run.facts
     kept = ("total_steps", "effective_batch_size", "engine", "quantization", "optimizer", "task", "label_names")
-    kept += ("packing", "batches", "padding_share", "cross_entropy")
+    kept += ("packing", "batches", "padding_share", "cross_entropy", "reference")
     return {
         "method": run.recipe.method.name,
         "objective": run.recipe.objective.name,

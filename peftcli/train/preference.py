@@ -8,9 +8,10 @@ all that `metric_means` needs to turn them into the logged means. So a step adds
 and all-reduces the sums once, and evaluation gathers the rows of the whole validation set.
 
 The reference policy is the starting policy: the trainable tensors as they were before the first step (a new
-adapter's identity, or the adapter training started from), swapped in for a no-grad forward. It costs one
-copy of the trainable tensors and no second model, and works for every method. Under engines that shard
-parameters (ZeRO-3, FSDP2) the swap is not possible; those are refused at validation.
+adapter's identity, or the adapter training started from, `model.adapter`). `objective.reference: live`
+swaps them in for a no-grad forward: one copy of the trainable tensors and no second model, for every
+method, but not under engines that shard parameters (ZeRO-3, FSDP2). `precomputed` reads the log-probabilities
+from a table filled once before the first step (train/reference_logps.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 
 from peftcli.objectives.pair_losses import PairLogps, pair_loss
 from peftcli.train.objective import TaskObjective
+from peftcli.train.reference_logps import ReferenceTable
 
+ROWS = ("input_ids", "attention_mask", "labels")  # what a forward reads of a preference batch
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
 
 
@@ -59,6 +62,12 @@ class StartingPolicy:
         params = [p for p in model.parameters() if p.requires_grad]
         return cls(params, [p.detach().clone() for p in params])
 
+    def logps(self, model, batch: dict, tokens: TaskObjective) -> torch.Tensor:
+        """The starting policy's summed completion log-probabilities of every row of the batch."""
+        with self.swapped_in(model):
+            sums, _ = tokens.loss_sums(model, {key: batch[key] for key in ROWS if key in batch})
+        return -sums.detach()
+
     @contextmanager
     def swapped_in(self, model: torch.nn.Module):
         """The model computes the starting policy inside (no grad, eval mode: no dropout)."""
@@ -82,7 +91,7 @@ class PreferenceObjective:
 
     options: object
     tokens: TaskObjective  # per-row completion cross-entropy sums (chunked from the hidden state when set)
-    reference: StartingPolicy | None = None
+    reference: StartingPolicy | ReferenceTable | None = None
     sums: torch.Tensor | None = None  # metric sums since the last take_metrics
     unit = "pairs"
     metric_names = METRICS
@@ -108,9 +117,7 @@ class PreferenceObjective:
         chosen_tokens, rejected_tokens = counts.chunk(2)
         logps = PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
         if self.reference is not None:
-            with self.reference.swapped_in(model):
-                ref_sums, _ = self.tokens.loss_sums(model, batch)
-            logps.ref_chosen, logps.ref_rejected = (-ref_sums.detach()).chunk(2)
+            logps.ref_chosen, logps.ref_rejected = self.reference.logps(model, batch, self.tokens).chunk(2)
         return logps
 
     def pair_terms(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

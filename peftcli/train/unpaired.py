@@ -1,10 +1,11 @@
 """kto in the loop: a batch holds each example's own row, then its mismatched row (the same prompt with another
 example's completion, data/collate.py: UnpairedCollator), and `desirable`, the examples' labels.
 
-Per micro-batch: one no-grad forward of every row with the starting policy swapped in (the reference), one
-no-grad forward of the mismatched rows with the policy, then the forward the loss differentiates, of the
-examples' own rows. The kl estimate is added up over every process's mismatched rows before it is used, so
-each process computes the loss a single process holding the whole micro-batch would.
+Per micro-batch: the reference log-probabilities of every row (a no-grad forward with the starting policy
+swapped in, or the precomputed table: train/reference_logps.py), one no-grad forward of the mismatched rows
+with the policy, then the forward the loss differentiates, of the examples' own rows. The kl estimate is
+added up over every process's mismatched rows before it is used, so each process computes the loss a single
+process holding the whole micro-batch would.
 
 Metrics (means over a step's, or the validation set's, examples): rewards/chosen over the desirable examples,
 rewards/rejected over the undesirable ones, rewards/margin their difference, kl (the reference point, per
@@ -21,15 +22,14 @@ import torch
 
 from peftcli.objectives.kto_loss import UnpairedLogps, kl_estimate, kto_loss
 from peftcli.train.objective import TaskObjective
-from peftcli.train.preference import StartingPolicy, add_rows, taken
+from peftcli.train.preference import ROWS, StartingPolicy, add_rows, taken
+from peftcli.train.reference_logps import ReferenceTable
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "kl", "logps/chosen", "logps/rejected")
 # The columns of a metric row: which label the example has, its reward and log-probability on the side of its
 # label (0 on the other), and the kl estimate of its micro-batch.
 COLUMNS = ("desirable", "undesirable", "reward_desirable", "reward_undesirable", "logp_desirable")
 COLUMNS += ("logp_undesirable", "kl")
-
-ROWS = ("input_ids", "attention_mask", "labels")
 
 
 def half(batch: dict, second: bool) -> dict:
@@ -45,7 +45,7 @@ class UnpairedObjective:
 
     options: object
     tokens: TaskObjective  # per-row completion cross-entropy sums (chunked from the hidden state when set)
-    reference: StartingPolicy
+    reference: StartingPolicy | ReferenceTable
     sums: torch.Tensor | None = None  # metric sums since the last take_metrics
     unit = "examples"
     metric_names = METRICS
@@ -68,9 +68,7 @@ class UnpairedObjective:
     def logps(self, model, batch: dict) -> tuple[UnpairedLogps, torch.Tensor]:
         """The examples' log-probabilities under policy and reference, and the kl estimate of the micro-batch."""
         own, mismatched = half(batch, False), half(batch, True)
-        with self.reference.swapped_in(model):
-            ref_sums, _ = self.tokens.loss_sums(model, {key: batch[key] for key in ROWS if key in batch})
-        ref_own, ref_mismatched = (-ref_sums.detach()).chunk(2)
+        ref_own, ref_mismatched = self.reference.logps(model, batch, self.tokens).chunk(2)
         with torch.no_grad():
             policy_mismatched = -self.tokens.loss_sums(model, mismatched)[0]
         kl = kl_estimate(policy_mismatched, ref_mismatched)

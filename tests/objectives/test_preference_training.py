@@ -151,7 +151,12 @@ def _recipe(tmp_path, model, pairs, method=None, objective=None, **training):
         },
         {"yaml": "dpo on prompt/completion data", "format": "prompt_completion", "error": "set format: preference"},
         {"yaml": "packing", "packing": True, "error": "data.packing: objective dpo compares each pair"},
-        {"yaml": "zero3", "launch": {"preset": "zero3", "nproc": 2}, "error": "launch.preset: objective dpo"},
+        {
+            "yaml": "live reference under zero3",
+            "objective": {"name": "dpo", "reference": "live"},
+            "launch": {"preset": "zero3", "nproc": 2},
+            "error": "objective.reference: live swaps the starting adapter in",
+        },
         {"yaml": "seq_cls", "task": "seq_cls", "error": "model.task seq_cls reads format classification"},
         {"yaml": "smoothing", "objective": {"name": "dpo", "label_smoothing": 0.1}, "error": "only the robust loss"},
     ],

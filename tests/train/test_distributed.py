@@ -392,10 +392,12 @@ def test_sigterm_stops_both_processes_at_one_step_with_one_checkpoint_and_resume
     assert logged == list(range(1, steps + 1))
 
 
-@pytest.mark.parametrize("preset", ["ddp", "zero2"])
+@pytest.mark.parametrize("preset", ["ddp", "zero2", "zero3"])
 def test_dpo_on_two_processes_equals_one_process(preset, tmp_path, tiny_model_dir, copy_data):
     """A preference run: each process holds its pairs whole (chosen and rejected rows together), and the
-    reference (the starting adapter swapped in) is the same on every process."""
+    reference (the starting adapter swapped in) is the same on every process. Under ZeRO-3 the reference is
+    precomputed (objective.reference: auto), shared out over both processes, and equals the one process's
+    live reference."""
     if preset != "ddp":
         pytest.importorskip("deepspeed")
     from peftcli.examples.tiny import copy_task, write_jsonl
@@ -431,6 +433,9 @@ def test_dpo_on_two_processes_equals_one_process(preset, tmp_path, tiny_model_di
     eval_one, eval_two = ([r for r in records[n] if r["type"] == "eval"][-1] for n in ("one", "two"))
     assert eval_two["eval_pairs"] == eval_one["eval_pairs"] == 8
     assert eval_two["eval_loss"] == pytest.approx(eval_one["eval_loss"], rel=1e-6)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["reference"] == ("precomputed" if preset == "zero3" else "live")
+    assert (tmp_path / "two" / "reference_logps.safetensors").is_file() == (preset == "zero3")
 
 
 def test_kto_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, copy_data):
