@@ -85,16 +85,11 @@ class StartingPolicy:
             model.train(was_training)
 
 
-@dataclass
-class PreferenceObjective:
-    """The pair loss of `options` (an objective's recipe options) over the completion log-probabilities."""
+class OverTokenSums:
+    """For objectives built on per-row completion log-probabilities (`tokens`): the loop sets and reads the
+    output head (chunked cross-entropy) and the task through them."""
 
-    options: object
-    tokens: TaskObjective  # per-row completion cross-entropy sums (chunked from the hidden state when set)
-    reference: StartingPolicy | ReferenceTable | None = None
-    sums: torch.Tensor | None = None  # metric sums since the last take_metrics
-    unit = "pairs"
-    metric_names = METRICS
+    tokens: TaskObjective
 
     @property
     def head(self):
@@ -107,6 +102,18 @@ class PreferenceObjective:
     @property
     def task(self) -> str:
         return self.tokens.task
+
+
+@dataclass
+class PreferenceObjective(OverTokenSums):
+    """The pair loss of `options` (an objective's recipe options) over the completion log-probabilities."""
+
+    options: object
+    tokens: TaskObjective  # per-row completion cross-entropy sums (chunked from the hidden state when set)
+    reference: StartingPolicy | ReferenceTable | None = None
+    sums: torch.Tensor | None = None  # metric sums since the last take_metrics
+    unit = "pairs"
+    metric_names = METRICS
 
     def label_count(self, batch: dict) -> int:
         return int(batch["input_ids"].shape[0]) // 2  # pairs

@@ -22,7 +22,7 @@ import torch
 
 from peftcli.objectives.kto_loss import UnpairedLogps, kl_estimate, kto_loss
 from peftcli.train.objective import TaskObjective
-from peftcli.train.preference import ROWS, StartingPolicy, add_rows, taken
+from peftcli.train.preference import ROWS, OverTokenSums, StartingPolicy, add_rows, taken
 from peftcli.train.reference_logps import ReferenceTable
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "kl", "logps/chosen", "logps/rejected")
@@ -40,7 +40,7 @@ def half(batch: dict, second: bool) -> dict:
 
 
 @dataclass
-class UnpairedObjective:
+class UnpairedObjective(OverTokenSums):
     """The kto loss of `options` over the completion log-probabilities of unpaired examples."""
 
     options: object
@@ -49,18 +49,6 @@ class UnpairedObjective:
     sums: torch.Tensor | None = None  # metric sums since the last take_metrics
     unit = "examples"
     metric_names = METRICS
-
-    @property
-    def head(self):
-        return self.tokens.head
-
-    @head.setter
-    def head(self, value) -> None:
-        self.tokens.head = value
-
-    @property
-    def task(self) -> str:
-        return self.tokens.task
 
     def label_count(self, batch: dict) -> int:
         return int(batch["desirable"].shape[0])  # examples
