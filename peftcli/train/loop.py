@@ -278,7 +278,7 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
     table = _reference_table(run, reporter) if reference == "precomputed" else None  # before a checkpoint loads
     _start_or_resume(run, reporter)
     if table is not None and run.main:
-        save_table(run.out_dir, table, fingerprint((run.data.train, run.data.validation)))
+        save_table(run.out_dir, *table)
     return run
 
 
@@ -296,13 +296,14 @@ def _reference_mode(recipe: Recipe, engine: Engine) -> str | None:
     return mode
 
 
-def _reference_table(run: Run, reporter: Reporter) -> torch.Tensor:
-    """The starting policy's log-probabilities of every train and validation example (in `row` order): read
-    back from a resumed run's directory when computed on the same data, else computed now."""
+def _reference_table(run: Run, reporter: Reporter) -> tuple[torch.Tensor, str]:
+    """The starting policy's log-probabilities of every train and validation example (in `row` order), and the
+    hash of the data they belong to: read back from a resumed run's directory when computed on the same data,
+    else computed now."""
     splits = (run.data.train, run.data.validation)
     rows = sum(len(split) for split in splits if split is not None)
-    expected = fingerprint(splits)
-    table = load_table(run.out_dir, expected, rows) if run.mode == "resume" else None
+    data_hash = fingerprint(splits)
+    table = load_table(run.out_dir, data_hash, rows) if run.mode == "resume" else None
     if table is None:
         reporter.message(f"computing the reference log-probabilities of {rows} examples (once, before the first step)")
         collator = run.train_loader.collate_fn
@@ -313,7 +314,7 @@ def _reference_table(run: Run, reporter: Reporter) -> torch.Tensor:
         ]  # fmt: skip
         table = torch.cat(parts)
     run.objective.reference = ReferenceTable(table)
-    return table
+    return table, data_hash
 
 
 def _accelerator(recipe: Recipe):
