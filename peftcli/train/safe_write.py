@@ -16,54 +16,16 @@ import os
 import re
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from peftcli.errors import DiskFullError, OutputError
+from peftcli.writers import WRITER_FILE, describe, gone, me, read_holder  # noqa: F401  (imported from here too)
 
-WRITER_FILE = ".peftcli.writer"  # inside a staging directory: who is writing it
 RETRY = "free space and run again"
 NEARLY_FULL = 4 * 2**20  # bytes; see out_of_space
 _TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.peftcli-(?P<host>.+)-(?P<pid>\d+)\.tmp$")
-
-
-# --- who is writing -------------------------------------------------------------------------------------------
-
-
-def me() -> dict:
-    """This process as a lock or writer record."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def gone(holder: dict) -> bool:
-    """True when a recorded writer is certainly dead: same host, and no process with its pid.
-
-    A writer on another host cannot be checked and counts as alive (a shared filesystem)."""
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # another user's live process
-    return False
-
-
-def read_holder(path: Path) -> dict:
-    """A lock or writer record; {} when missing, being written this instant, or damaged."""
-    try:
-        holder = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def describe(holder: dict) -> str:
-    return f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
 
 
 # --- small files --------------------------------------------------------------------------------------------------
