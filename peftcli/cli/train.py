@@ -37,6 +37,9 @@ def train(
     overrides = [*overrides, *(f"launch.{key}={value}" for key, value in flags.items() if value is not None)]
     recipe = load_recipe(recipe_file, overrides)
     mode = check_output_dir(Path(recipe.output.dir), resume, overwrite)
+    from peftcli.train.trackers import check_trackers_installed
+
+    check_trackers_installed(recipe.training.report_to)  # a missing tracker is refused before any launch or load
     if mode == "resume":  # a change the checkpoint cannot follow is refused before anything starts
         from peftcli.recipe.load import recipe_to_dict
         from peftcli.train.resume_rules import check_resume_changes

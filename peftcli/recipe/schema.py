@@ -23,6 +23,7 @@ from peftcli.objectives.registry import (
 from peftcli.objectives.sft import SftOptions
 from peftcli.recipe.base import StrictModel
 from peftcli.recipe.start_adapter import adapter_directory_problem, method_mismatch
+from peftcli.recipe.tracking import TrackerName, TrackingSection
 from peftcli.tuners.registry import TASK_TYPES, all_tuners, get_tuner
 
 DATA_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -371,6 +372,12 @@ class TrainingSection(StrictModel):
     save_every: int | None = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(1, gt=0, description="Log training metrics every N steps.")
+    report_to: list[TrackerName] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the metrics and the recipe: tensorboard, mlflow, wandb "
+        "(each an optional extra: pip install 'peftcli[NAME]').",
+    )
+    tracking: TrackingSection = Field(default_factory=TrackingSection, description="Options of those trackers.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seeds torch, numpy and Python (numpy takes 0 to 2**32 - 1).")
 
     @model_validator(mode="after")
@@ -379,6 +386,9 @@ class TrainingSection(StrictModel):
             raise ValueError("set max_steps or epochs, not both")
         if self.warmup_steps is not None and self.warmup_ratio:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
+        repeated = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if repeated:
+            raise ValueError(f"report_to: {', '.join(repeated)} listed twice")
         return self
 
 

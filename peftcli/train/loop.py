@@ -83,6 +83,7 @@ from peftcli.train.run_dir import (
     write_trainer_state,
 )
 from peftcli.train.safe_write import out_of_space, write_text_atomic
+from peftcli.train.trackers import Trackers, check_trackers_installed, open_trackers
 from peftcli.train.unpaired import UnpairedObjective
 from peftcli.tuners.adapter import AdapterInfo, apply_adapter, continue_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
@@ -157,6 +158,7 @@ class Run:
     facts: dict  # what the plan and the summary both report
     notes: list[str] = field(default_factory=list)  # what the plan says besides its numbers
     state: LoopState = field(default_factory=LoopState)
+    trackers: Trackers = field(default_factory=Trackers)  # training.report_to, on the main process
 
     @property
     def main(self) -> bool:
@@ -198,7 +200,17 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, repo
 
 def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter, stop: StopRequest) -> dict:
     run = set_up(recipe, resume, overwrite, reporter)
-    training = recipe.training
+    if not (run.main and recipe.training.report_to):
+        return _run_steps(run, reporter, stop)
+    config, resumed = recipe_to_dict(recipe), run.mode == "resume"
+    with open_trackers(recipe, config, run.out_dir, resumed, run.state.step, reporter.message) as trackers:
+        run.trackers = trackers  # closed however the run ends: finished, failed or stopped
+        return _run_steps(run, reporter, stop)
+
+
+def _run_steps(run: Run, reporter: Reporter, stop: StopRequest) -> dict:
+    """Evaluate, optimise step by step with checkpoints, evaluate again and write the run."""
+    training = run.recipe.training
     evaluation = Evaluation(run, reporter)
     reporter.start({**run.facts, "start_step": run.state.step, "notes": run.notes})
     if run.mode != "resume" and training.eval_at_start:
@@ -215,7 +227,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter, st
         step = run.state.step
         if step % training.log_every == 0 or step == run.total_steps:
             if run.main:
-                append_jsonl(run.out_dir / METRICS_FILE, record)
+                log_metrics(run, record)
             reporter.step({**record, "total_steps": run.total_steps})
         if training.eval_every and step % training.eval_every == 0 and step < run.total_steps:
             evaluation.loss(step)
@@ -236,6 +248,7 @@ def set_up(recipe: Recipe, resume: bool, overwrite: bool, reporter: Reporter) ->
 
     out_dir = Path(recipe.output.dir)
     mode = check_output_dir(out_dir, resume, overwrite)  # before any work: a refused directory costs nothing
+    check_trackers_installed(recipe.training.report_to)
     if mode == "resume":
         check_resume_changes(out_dir / RECIPE_FILE, recipe_to_dict(recipe))
     accelerator, engine, whole_base = _accelerator(recipe)
@@ -651,6 +664,12 @@ def optimizer_step(run: Run, stream, started: float) -> dict:
     }
 
 
+def log_metrics(run: Run, record: dict) -> None:
+    """One record of metrics.jsonl (main process), and the same numbers to every tracker."""
+    append_jsonl(run.out_dir / METRICS_FILE, record)
+    run.trackers.log(record)
+
+
 def save_checkpoint(run: Run) -> None:
     """What a resume needs: the adapter, optimizer and data position; older checkpoints pruned."""
     ckpt = checkpoint_path(run.out_dir, run.state.step)
@@ -708,7 +727,7 @@ class Evaluation:
         result = evaluate_loss(run.model, run.eval_loader, run.accelerator, run.objective)
         result["step"] = step
         if run.main:
-            append_jsonl(run.out_dir / METRICS_FILE, {"type": "eval", **result})
+            log_metrics(run, {"type": "eval", **result})
         self.reporter.evaluation(result)
 
     def generations(self, step: int) -> None:
@@ -722,7 +741,7 @@ class Evaluation:
                 )
         if run.main:
             result["step"] = step
-            append_jsonl(run.out_dir / METRICS_FILE, {"type": "generation", **result})
+            log_metrics(run, {"type": "generation", **result})
             for prompt, answer in zip(self.prompts, answers, strict=True):
                 record = {"step": step, "prompt": run.tokenizer.decode(prompt), "answer": answer}
                 append_jsonl(run.out_dir / SAMPLES_FILE, record)
@@ -743,6 +762,7 @@ def finish(run: Run, reporter: Reporter) -> dict:
         run.tokenizer.save_pretrained(run.out_dir)
         summary = _summary(run)
         write_summary(run.out_dir, summary)
+        run.trackers.summary(summary)
         reporter.finish(summary)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()

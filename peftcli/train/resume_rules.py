@@ -21,6 +21,8 @@ RESUMABLE = (
     "training.save_every",
     "training.keep_checkpoints",
     "training.log_every",
+    "training.report_to",  # trackers only receive what the run logs
+    "training.tracking",
     "training.activation_checkpointing",  # recomputes the same values
     "training.cross_entropy",  # the same loss, checked against full logits
     "training.compile",

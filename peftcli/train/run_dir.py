@@ -8,6 +8,8 @@ exported outputs appear whole or not at all).
       recipe.yaml                                     the resolved recipe
       summary.json, metrics.jsonl, samples.jsonl      results
       checkpoints/step-0000100/trainer_state.json     resumable state
+      trackers.json                                   tracker run ids, so a resume continues them
+      tensorboard/, mlruns/, wandb/                   tracker logs (training.report_to)
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+TRACKERS_FILE = "trackers.json"
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DIR = "mlruns"  # MLflow's local store, when no tracking URI is given
 # What a tokenizer may have written; copied along wherever a run's model or adapter goes.
 TOKENIZER_FILES = (
     "tokenizer.json",
