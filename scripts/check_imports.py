@@ -32,7 +32,7 @@ LAYERS = [
     {"peftcli.tuners"},
     {"peftcli.data"},
     {"peftcli.train"},
-    {"peftcli.export"},
+    {"peftcli.export", "peftcli.serve"},
     {"peftcli.launch", "peftcli.cli", "peftcli.examples", "peftcli.__main__"},
 ]
 

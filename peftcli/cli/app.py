@@ -8,7 +8,9 @@ import typer
 
 from peftcli import __version__
 from peftcli.cli import clean as clean_commands
+from peftcli.cli import eval as eval_commands
 from peftcli.cli import export as export_commands
+from peftcli.cli import generate as generate_commands
 from peftcli.cli import merge as merge_commands
 from peftcli.cli import methods as methods_commands
 from peftcli.cli import objectives as objectives_commands
@@ -33,6 +35,9 @@ app.command("train")(train_commands.train)
 app.command("targets")(targets_commands.targets)
 app.command("merge")(merge_commands.merge)
 app.command("export")(export_commands.export)
+app.command("eval")(eval_commands.evaluate)
+app.command("generate")(generate_commands.generate)
+app.command("chat")(generate_commands.chat)
 app.command("methods")(methods_commands.methods)
 app.command("objectives")(objectives_commands.objectives)
 app.command("clean")(clean_commands.clean)
