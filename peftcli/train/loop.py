@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from peftcli.recipe.load import recipe_to_dict, recipe_to_yaml
 from peftcli.recipe.schema import Recipe
 from peftcli.recipe.start_adapter import start_chain
 from peftcli.train.checkpoint import fsdp_adapter_checkpoints, install_adapter_only_hooks
+from peftcli.train.curves import write_run_curves
 from peftcli.train.evaluate import evaluate_loss, generation_score, majority_class_rate, prompt_ids
 from peftcli.train.fast_path import (
     TOLERANCE,
@@ -62,6 +64,7 @@ from peftcli.train.preference import PreferenceObjective, RewardObjective, Start
 from peftcli.train.reference_logps import ReferenceTable, compute_table, fingerprint, load_table, save_table
 from peftcli.train.resume_rules import check_resume_changes
 from peftcli.train.run_dir import (
+    CURVES_FILE,
     METRICS_FILE,
     RECIPE_FILE,
     SAMPLES_FILE,
@@ -762,11 +765,31 @@ def finish(run: Run, reporter: Reporter) -> dict:
         run.tokenizer.save_pretrained(run.out_dir)
         summary = _summary(run)
         write_summary(run.out_dir, summary)
+        _draw_curves(run, reporter)
         run.trackers.summary(summary)
         reporter.finish(summary)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return summary or {}
+
+
+def _draw_curves(run: Run, reporter: Reporter) -> None:
+    """curves.png beside the summary. Only at the end: a stop must end quickly (`peft runs plot` draws any run)."""
+    try:
+        write_run_curves(run.out_dir)
+    except Exception as exc:  # a picture is not worth a finished run: one warning line instead
+        reporter.message(f"warning: {CURVES_FILE} not drawn ({type(exc).__name__}: {exc})")
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: the accelerator's allocations (CUDA), and resident host memory."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return {
+        "peak_device_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_host_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+    }
 
 
 def _summary(run: Run) -> dict:
@@ -797,6 +820,7 @@ def _summary(run: Run) -> dict:
         "time_s": round(state.elapsed, 2),
         "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1),
         "world_size": run.world,
+        **_peak_memory(run.accelerator.device),
         **{key: facts[key] for key in kept},
         "majority_class_rate": majority_class_rate(run.data.validation, run.recipe.model.task),
         "output_dir": str(run.out_dir),

@@ -7,6 +7,7 @@ exported outputs appear whole or not at all).
       tokenizer files                                 TOKENIZER_FILES
       recipe.yaml                                     the resolved recipe
       summary.json, metrics.jsonl, samples.jsonl      results
+      curves.png                                      the metrics drawn (train/curves.py), at the end of a run
       checkpoints/step-0000100/trainer_state.json     resumable state
       trackers.json                                   tracker run ids, so a resume continues them
       tensorboard/, mlruns/, wandb/                   tracker logs (training.report_to)
@@ -41,6 +42,7 @@ RECIPE_FILE = "recipe.yaml"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+CURVES_FILE = "curves.png"
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 TRACKERS_FILE = "trackers.json"
