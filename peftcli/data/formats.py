@@ -161,6 +161,10 @@ class Renderer:
                 continue
             before = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             through = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+            if i < len(messages) - 1 and text.startswith(before) and not text.startswith(through):
+                # Rewritten once the conversation goes on (reasoning templates drop an earlier turn's <think>
+                # block): that text is not what the model generates, so the turn stays context, unlabelled.
+                continue
             if not (text.startswith(through) and through.startswith(before)):
                 raise DataError(
                     f"{self.key}: example {index}: the chat template does not render a conversation as a "

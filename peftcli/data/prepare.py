@@ -34,6 +34,7 @@ class PreparedData:
     validation: object | None
     stats: dict[str, SplitStats] = field(default_factory=dict)
     label_names: list[str] | None = None
+    truncated: dict[str, list[bool]] = field(default_factory=dict)  # per split: was each kept example cut?
 
 
 def _label_count(labels) -> int:
@@ -68,9 +69,10 @@ def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_name
             other = [_label_count(labels) for labels in tokenized[f"{second}_labels"]]
             tokens += sum(len(ids) for ids in tokenized[f"{second}_input_ids"])
             label_counts = [min(a, b) and a + b for a, b in zip(label_counts, other, strict=True)]
+    cut = tokenized["truncated"]
     stats = SplitStats(
         examples=len(tokenized),
-        truncated=sum(tokenized["truncated"]),
+        truncated=sum(cut),
         tokens=tokens,
         label_tokens=sum(label_counts),
     )
@@ -86,7 +88,7 @@ def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_name
         )
     if len(keep) < len(tokenized):
         tokenized = tokenized.select(keep)
-    return tokenized.remove_columns(["truncated"]), stats
+    return tokenized.remove_columns(["truncated"]), stats, [cut[i] for i in keep]
 
 
 def _labels_in(dataset, renderer: Renderer) -> list:
@@ -146,14 +148,14 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
         raw_validation = load_source(data.validation, "data.validation")
         validation_source = data.validation
 
-    train, train_stats = _tokenize(raw_train, train_renderer, data.max_length, "data.train", label_names)
-    stats = {"train": train_stats}
+    train, train_stats, train_cut = _tokenize(raw_train, train_renderer, data.max_length, "data.train", label_names)
+    stats, truncated = {"train": train_stats}, {"train": train_cut}
     validation = None
     if raw_validation is not None:
         key = "data.validation" if isinstance(data.validation, DataSource) else "data.train"
         renderer = renderer_for(validation_source, key)
         renderer.label_ids, renderer.labels_from = train_renderer.label_ids, train_renderer.labels_from
-        validation, stats["validation"] = _tokenize(
+        validation, stats["validation"], truncated["validation"] = _tokenize(
             raw_validation, renderer, data.max_length, "data.validation", label_names
         )
-    return PreparedData(train=train, validation=validation, stats=stats, label_names=label_names)
+    return PreparedData(train=train, validation=validation, stats=stats, label_names=label_names, truncated=truncated)

@@ -55,6 +55,36 @@ def build_tokenizer(vocab_size: int = 400):
     return tokenizer
 
 
+# Modelled on Qwen3-style reasoning templates: an assistant message's "<think>...</think>" part is its reasoning;
+# it is shown only for assistant turns after the last user message and dropped from earlier turns.
+REASONING_CHAT_TEMPLATE = (
+    "{%- set state = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set state.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set answer = m.content -%}{%- set thought = '' -%}"
+    "{%- if '</think>' in answer -%}"
+    "{%- set thought = answer.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set answer = answer.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.index0 > state.last_user -%}{{- '<think>\\n' + thought + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- answer + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def build_reasoning_tokenizer():
+    """The tiny tokenizer with a reasoning chat template, and <think> and </think> as whole (not special) tokens."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = REASONING_CHAT_TEMPLATE
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
 def build_llama(vocab_size: int, seed: int = 0, **overrides):
     """A Llama with random weights: hidden 64, 2 layers, 4 heads (2 KV heads)."""
     import torch

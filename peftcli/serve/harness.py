@@ -55,10 +55,23 @@ def run_harness(loaded: LoadedModel, tasks: list[str], manager, limit: int | Non
 
 
 def results_table(results: dict) -> str:
-    """lm-eval's own results table."""
-    from lm_eval.utils import make_table
-
-    return make_table(results)
+    """One line per task and metric: value, standard error and how many samples were scored."""
+    rows = [("task", "metric", "value", "stderr", "samples")]
+    counts = results.get("n-samples") or {}
+    for task, metrics in results.get("results", {}).items():
+        samples = (counts.get(task) or {}).get("effective", "")
+        for key, value in metrics.items():
+            name, _, filtered = key.partition(",")
+            if key == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{name}_stderr,{filtered}" if filtered else f"{name}_stderr")
+            shown = f"{name} ({filtered})" if filtered and filtered != "none" else name
+            error = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+            rows.append((task, shown, f"{value:.4f}", error, str(samples)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def results_record(results: dict) -> dict:

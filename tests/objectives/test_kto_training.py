@@ -58,7 +58,7 @@ def _tokenized(tokenizer, rows: list[dict], max_length: int = 64, **source):
     from datasets import Dataset
 
     renderer = _renderer(tokenizer, max_length, **source)  # as prepare_data builds it
-    return _tokenize(Dataset.from_list(rows), renderer, max_length, "data.train", None)
+    return _tokenize(Dataset.from_list(rows), renderer, max_length, "data.train", None)[:2]  # data, stats
 
 
 def _completion_text(tokenizer, example: dict, row: str = "") -> str:
