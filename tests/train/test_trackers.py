@@ -19,6 +19,7 @@ from peftcli.train.preemption import RunStopped
 from support import make_recipe, write_recipe
 
 ALL = ["tensorboard", "mlflow", "wandb"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -281,3 +282,27 @@ def test_report_to_is_strict():
                 },
                 "test.yaml",
             )
+
+
+class _CrashAfter(SilentReporter):
+    def __init__(self, step: int):
+        self.at = step
+
+    def step(self, metrics: dict) -> None:
+        if metrics["step"] == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_crashed_run_is_failed_in_mlflow_and_its_redone_steps_are_logged_again(tmp_path, tiny_model_dir, copy_data):
+    recipe = _recipe(tmp_path, tiny_model_dir, copy_data, ["mlflow"], eval_every=None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(recipe, reporter=_CrashAfter(3))  # checkpoint at step 2, step 3 logged, then the crash
+    run_dir = tmp_path / "run"
+    assert _mlflow(run_dir)[1].info.status == "FAILED"
+    train(recipe, resume=True)
+    client, run = _mlflow(run_dir)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 3, 4]
+    # an exact resume redoes step 3 with the same loss; the newest value is metrics.jsonl's
+    assert {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)} == _expected(run_dir)["train/loss"]
