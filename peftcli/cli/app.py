@@ -15,6 +15,7 @@ from peftcli.cli import merge as merge_commands
 from peftcli.cli import methods as methods_commands
 from peftcli.cli import objectives as objectives_commands
 from peftcli.cli import recipe as recipe_commands
+from peftcli.cli import runs as runs_commands
 from peftcli.cli import targets as targets_commands
 from peftcli.cli import train as train_commands
 from peftcli.errors import PeftCliError
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(runs_commands.runs_app, name="runs")
 
 app.command("train")(train_commands.train)
 app.command("targets")(targets_commands.targets)

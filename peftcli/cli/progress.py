@@ -234,11 +234,29 @@ class RichReporter:
                 f"[bold]generation score[/bold] {gb['gen_matches']}/{gb['gen_prompts']} -> "
                 f"{ga['gen_matches']}/{ga['gen_prompts']} answers match the pattern"
             )
+        if self.live:  # people see the loss at a glance; pipes and CI logs keep their plain lines
+            line = _loss_line(summary)
+            if line:
+                c.print(line, highlight=False)
         c.print(
             f"done: {summary['steps']} steps, {summary['train_tokens']:,} tokens in {summary['time_s']:.1f}s "
             f"({summary['tokens_per_s']:.0f} tok/s); adapter written to {summary.get('output_dir', '')}",
             highlight=False,
         )
+
+
+def _loss_line(summary: dict) -> str:
+    """`train loss ▇▆▄▃▂▁ 7.18 -> 3.72` over the whole run (a resumed one too: it reads metrics.jsonl)."""
+    from pathlib import Path
+
+    from peftcli.cli.sparkline import sparkline
+    from peftcli.train.run_dir import METRICS_FILE, read_jsonl
+
+    records = read_jsonl(Path(summary.get("output_dir", "")) / METRICS_FILE) if summary.get("output_dir") else []
+    losses = [float(r["loss"]) for r in records if r.get("type") == "train" and isinstance(r.get("loss"), (int, float))]
+    if len(losses) < 2:
+        return ""
+    return f"train loss {sparkline(losses)} {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
 def _maybe(value: float | None) -> str:
