@@ -19,6 +19,7 @@ def plot(
     metric: list[str] = typer.Option(
         [],
         "--metric",
+        metavar="NAME",
         help="A metrics.jsonl key to draw (repeat for several); default: loss, eval_loss, lr and "
         "the accuracies and reward margins the runs logged.",
     ),
