@@ -8,6 +8,7 @@ import typer
 
 from peftcli import __version__
 from peftcli.cli import clean as clean_commands
+from peftcli.cli import data as data_commands
 from peftcli.cli import eval as eval_commands
 from peftcli.cli import export as export_commands
 from peftcli.cli import generate as generate_commands
@@ -31,6 +32,8 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(help="Look at the data as training will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 app.add_typer(runs_commands.runs_app, name="runs")
 
 app.command("train")(train_commands.train)
@@ -46,6 +49,7 @@ app.command("clean")(clean_commands.clean)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)
 recipe_app.command("schema")(recipe_commands.schema)
+data_app.command("inspect")(data_commands.inspect)
 
 
 def _version(value: bool) -> None:
