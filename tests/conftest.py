@@ -15,6 +15,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_data_cache(tmp_path_factory) -> Path:
+    """Tests fill a tokenized-data cache of their own (peftcli/data/cache.py), never the user's; subprocesses
+    inherit it."""
+    root = tmp_path_factory.mktemp("tokenized")
+    os.environ["PEFTCLI_DATA_CACHE"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (hidden 64, 2 layers) with a BPE tokenizer and chat template, saved as an HF dir."""

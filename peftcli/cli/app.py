@@ -9,6 +9,7 @@ import typer
 from peftcli import __version__
 from peftcli.cli import clean as clean_commands
 from peftcli.cli import data as data_commands
+from peftcli.cli import data_prepare as data_prepare_commands
 from peftcli.cli import eval as eval_commands
 from peftcli.cli import export as export_commands
 from peftcli.cli import generate as generate_commands
@@ -32,7 +33,7 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-data_app = typer.Typer(help="Look at the data as training will see it.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at the data as training will see it, and tokenize it ahead.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(runs_commands.runs_app, name="runs")
 
@@ -50,6 +51,7 @@ recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)
 recipe_app.command("schema")(recipe_commands.schema)
 data_app.command("inspect")(data_commands.inspect)
+data_app.command("prepare")(data_prepare_commands.prepare)
 
 
 def _version(value: bool) -> None:

@@ -43,7 +43,7 @@ def _label_count(labels) -> int:
     return sum(1 for x in labels if x != IGNORE_INDEX)
 
 
-def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_names: list[str] | None):
+def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_names: list[str] | None, progress=None):
     renderer.check_columns(list(dataset.column_names))
 
     def render(row: dict, index: int) -> dict:
@@ -58,8 +58,9 @@ def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_name
             other = (index + 1) % len(completions)
             return truncate(renderer.render_unpaired(row, index, (other, completions[other])), max_length)
 
+    shown = render if progress is None else _reporting(render, key, len(dataset), progress)
     tokenized = dataset.map(
-        render, with_indices=True, remove_columns=list(dataset.column_names), desc=f"tokenizing {key}"
+        shown, with_indices=True, remove_columns=list(dataset.column_names), desc=f"tokenizing {key}"
     )
     all_labels = tokenized["labels"]
     label_counts = [_label_count(labels) for labels in all_labels]
@@ -91,6 +92,17 @@ def _tokenize(dataset, renderer: Renderer, max_length: int, key: str, label_name
     return tokenized.remove_columns(["truncated"]), stats, [cut[i] for i in keep]
 
 
+def _reporting(render, key: str, total: int, progress):
+    """`render`, telling `progress(key, done, total)` after each example (the caller decides what to show)."""
+
+    def counted(row: dict, index: int) -> dict:
+        result = render(row, index)
+        progress(key, index + 1, total)
+        return result
+
+    return counted
+
+
 def _labels_in(dataset, renderer: Renderer) -> list:
     """Every label value of a classification source (the tags of every word for token_classification)."""
     renderer.check_columns(list(dataset.column_names))
@@ -114,8 +126,8 @@ def _label_names(recipe: Recipe, raw_train, renderer: Renderer) -> tuple[list[st
     return names, "data.train"
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
-    """Load, split, tokenize and check the recipe's data."""
+def prepare_data(recipe: Recipe, tokenizer, progress=None) -> PreparedData:
+    """Load, split, tokenize and check the recipe's data; `progress(key, done, total)` hears of each example."""
     data = recipe.data
     task = recipe.model.task
     raw_train = load_source(data.train, "data.train")
@@ -148,7 +160,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
         raw_validation = load_source(data.validation, "data.validation")
         validation_source = data.validation
 
-    train, train_stats, train_cut = _tokenize(raw_train, train_renderer, data.max_length, "data.train", label_names)
+    train, train_stats, train_cut = _tokenize(
+        raw_train, train_renderer, data.max_length, "data.train", label_names, progress
+    )
     stats, truncated = {"train": train_stats}, {"train": train_cut}
     validation = None
     if raw_validation is not None:
@@ -156,6 +170,6 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
         renderer = renderer_for(validation_source, key)
         renderer.label_ids, renderer.labels_from = train_renderer.label_ids, train_renderer.labels_from
         validation, stats["validation"], truncated["validation"] = _tokenize(
-            raw_validation, renderer, data.max_length, "data.validation", label_names
+            raw_validation, renderer, data.max_length, "data.validation", label_names, progress
         )
     return PreparedData(train=train, validation=validation, stats=stats, label_names=label_names, truncated=truncated)

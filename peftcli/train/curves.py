@@ -66,7 +66,13 @@ class RunMetrics:
 
     @property
     def title(self) -> str:
-        return f"{self.name} ({self.method}, {self.objective})"
+        return f"{self.name} ({self.description})"
+
+    @property
+    def description(self) -> str:
+        """Method and objective, and the task when it is not plain causal language modelling."""
+        task = self.summary.get("task") or (self.recipe.get("model") or {}).get("task") or "causal_lm"
+        return ", ".join([self.method, self.objective] + ([task] if task != "causal_lm" else []))
 
     def metric_names(self) -> list[str]:
         """Every metric with at least one number, in the order first logged."""
@@ -142,11 +148,14 @@ def overlay_figure(runs: list[RunMetrics], metrics: list[str] | None = None):
     figure, axes = _grid(len(metrics))
     figure.suptitle(" vs ".join(run.name for run in runs))
     colours = [f"C{i % 10}" for i in range(len(runs))]
+    # Runs are told apart by their directory's name, or by their path when two names are the same.
+    names = [run.name for run in runs]
+    labels = [f"{run.name if names.count(run.name) == 1 else run.path} ({run.description})" for run in runs]
     for ax, key in zip(axes, metrics, strict=False):
-        for run, colour in zip(runs, colours, strict=True):
+        for run, colour, label in zip(runs, colours, labels, strict=True):
             steps, values = series(run.records, key)
             if steps:
-                _draw(ax, key, steps, values, run.title, colour)
+                _draw(ax, key, steps, values, label, colour)
         ax.set_title(LABELS.get(key, key))
         ax.set_xlabel("step")
         ax.legend(loc="best", fontsize="small")

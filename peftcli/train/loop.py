@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import peftcli
+from peftcli.data.cache import tokenized_data
 from peftcli.data.collate import PadCollator, PairCollator, UnpairedCollator
 from peftcli.data.packing import PackedDataset, padding_share, shuffled
-from peftcli.data.prepare import prepare_data
+from peftcli.data.progress_lines import ProgressLines
 from peftcli.data.sampler import LengthGroupedSampler
 from peftcli.errors import ModelError, OutputError, PeftCliError
 from peftcli.launch.presets import Engine
@@ -363,8 +364,15 @@ def _data(recipe: Recipe, accelerator, reporter: Reporter, packing: bool, refere
     batches are formed: packed rows, length-grouped or random, with the padding share it leaves."""
     reporter.message(f"loading tokenizer and data for {recipe.model.name_or_path}")
     tokenizer = load_tokenizer(recipe.model)
-    with accelerator.main_process_first():  # the other processes read the datasets cache
-        data = prepare_data(recipe, tokenizer)
+    # The first process of each machine reads the tokenized-data cache or fills it; the others then read it.
+    with accelerator.local_main_process_first():
+        data, cached = tokenized_data(recipe, tokenizer, ProgressLines(reporter.message))
+    if cached.reused:
+        reporter.message(f"tokenized data: from cache {cached.path}")
+    elif cached.written:
+        reporter.message(f"tokenized data: written to cache {cached.path} ({cached.size / 1e6:.1f} MB)")
+    if cached.note:
+        reporter.message(f"note: {cached.note}")
     if reference == "precomputed":  # each example's place in the reference table: train, then validation
         data.train = data.train.add_column("row", list(range(len(data.train))))
         if data.validation is not None:

@@ -343,7 +343,7 @@ def leftovers_under(root: Path) -> list[tuple[Path, str]]:
             if path.name.startswith(".") and path.name.endswith(".partial") and path.is_dir():
                 holder = read_holder(path / WRITER_FILE)
                 if not holder or gone(holder):
-                    found.append((path, "an interrupted merge or export"))
+                    found.append((path, "an interrupted merge, export or data prepare"))
             elif path.name.startswith(".") and path.name.endswith(".replaced") and path.is_dir():
                 found.append((path, "an interrupted --overwrite (restored if the output is missing)"))
         found += [(path, "an interrupted write") for path in dead_temp_files(directory)]

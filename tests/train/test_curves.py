@@ -13,7 +13,7 @@ from peftcli.errors import OutputError
 from peftcli.examples.tiny import copy_task, write_jsonl
 from peftcli.recipe.load import validate_recipe_dict
 from peftcli.train import loop
-from peftcli.train.curves import RunMetrics, moving_mean, read_run, run_figure
+from peftcli.train.curves import RunMetrics, moving_mean, overlay_figure, read_run, run_figure
 from peftcli.train.loop import SilentReporter, train
 
 from support import make_recipe
@@ -129,3 +129,14 @@ def test_only_run_directories_are_read(tmp_path):
     (tmp_path / "recipe.yaml").write_text("model: {}\n")
     with pytest.raises(OutputError, match="no metrics logged yet"):
         read_run(tmp_path)
+
+
+def test_runs_with_the_same_name_are_told_apart_by_their_path(tmp_path):
+    records = [{"type": "train", "step": 1, "loss": 2.0}, {"type": "train", "step": 2, "loss": 1.5}]
+    first = RunMetrics(tmp_path / "x" / "run", records, {}, {"method": {"name": "lora"}})
+    second = RunMetrics(tmp_path / "y" / "run", records, {}, {"method": {"name": "ia3"}, "model": {"task": "seq_cls"}})
+    (ax,) = overlay_figure([first, second], ["loss"]).axes
+    assert [line.get_label() for line in ax.lines] == [
+        f"{tmp_path / 'x' / 'run'} (lora, sft)",
+        f"{tmp_path / 'y' / 'run'} (ia3, sft, seq_cls)",
+    ]

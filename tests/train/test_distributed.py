@@ -4,6 +4,7 @@ model train the adapter that one process trains with the same effective batch, s
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -86,6 +87,8 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     assert f"effective batch 8 = 2 per device x 2 accumulation x 2 process(es) ({ENGINES[preset]})" in printed
     if preset == "zero3":  # no process ever holds the whole base
         assert "loading the base model partitioned (zero.Init)" in printed
+    # The one-process run tokenized the same data: both processes read its cache entry (the main one says so).
+    assert printed.count("tokenized data: from cache ") == 1 and "tokenized data.train" not in printed
 
     # The same computation: every step's loss and gradient norm agree to float32 summation order.
     ours, reference = _train_losses(out), _train_losses(one_process)
@@ -231,26 +234,27 @@ def test_under_zero3_methods_apply_to_a_base_built_partitioned(tmp_path, tiny_mo
 
 
 def test_the_tokenized_data_is_found_in_the_cache_by_the_other_processes(tmp_path, tiny_model_dir, copy_data):
-    """The loop tokenizes on the main process first; the others must then find its cache file rather than
-    tokenize again (which is also what keeps them from timing out on a big dataset). The cache key comes from
-    the recipe and the tokenizer alone, so a fresh process computes the same one."""
+    """The loop tokenizes on the first process of each machine; the others must then find its cache entry rather
+    than tokenize again (which is also what keeps them from timing out on a big dataset). The cache key comes
+    from the recipe, the data's content and the tokenizer alone, so a fresh process computes the same one."""
     import subprocess
     import sys
 
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "run"))
     script = (
         "import sys; from peftcli.recipe.load import load_recipe; from peftcli.models.load import load_tokenizer;"
-        "from peftcli.data.prepare import prepare_data; r = load_recipe(sys.argv[1]);"
-        "d = prepare_data(r, load_tokenizer(r.model)); import os; f = d.train.cache_files[0]['filename'];"
-        "print(f, os.stat(f).st_mtime_ns)"
+        "from peftcli.data.cache import tokenized_data; r = load_recipe(sys.argv[1]);"
+        "d, e = tokenized_data(r, load_tokenizer(r.model)); import os;"
+        "print(e.path, e.reused, os.stat(e.path / 'entry.json').st_mtime_ns)"
     )
+    env = {**os.environ, "PEFTCLI_DATA_CACHE": str(tmp_path / "tokenized")}
     first, second = (
-        subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, check=True)
+        subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, check=True, env=env)
         for _ in range(2)
     )
-    cache, written = first.stdout.split()[-2:]
-    assert cache.endswith(".arrow")
-    assert second.stdout.split()[-2:] == [cache, written]  # the same file, not written again
+    entry, reused, written = first.stdout.split()[-3:]
+    assert entry.startswith(str(tmp_path / "tokenized")) and reused == "False"
+    assert second.stdout.split()[-3:] == [entry, "True", written]  # the same entry, read, not written again
 
 
 def test_a_slice_of_a_sharded_tensor_is_never_saved(tmp_path, tiny_model_dir):
