@@ -10,7 +10,7 @@ An entry is found by a key over everything that decides the token ids and labels
   without the keys that only change batching, and the seed of a held-out validation split;
 - model.task;
 - the tokenizer as it saves itself (vocabulary, merges, special tokens, chat template);
-- the code that renders examples (peftcli's version and the source of the data modules), and the versions of
+- the code that renders examples (peftcli's version and the source of the data package), and the versions of
   datasets, tokenizers and transformers.
 
 An entry is written under a hidden staging name with its writer recorded, then renamed into place: a killed
@@ -44,7 +44,6 @@ CACHE_ENV = "PEFTCLI_DATA_CACHE"  # where entries go; default: $PEFTCLI_HOME/tok
 ENTRY_FILE = "entry.json"  # written last, inside the staging directory: an entry without it is not one
 LAYOUT = 1  # bump when the layout of an entry changes
 BATCHING_ONLY = {"packing", "group_by_length"}  # data keys that change how batches are formed, not token ids
-RENDER_MODULES = ("formats.py", "prepare.py", "sources.py", "mix.py")  # the code between the files and the token ids
 LIBRARIES = ("datasets", "tokenizers", "transformers")
 SPLITS = ("train", "validation")
 CHUNK = 1 << 20
@@ -116,7 +115,7 @@ def cache_key(recipe: Recipe, tokenizer) -> tuple[str, dict]:
         },
         "split_seed": (
             (data.shuffle_seed if data.shuffle_seed is not None else recipe.training.seed)
-            if isinstance(data.validation, SplitValidation) or data.mixed  # a list of sources is drawn by it
+            if isinstance(data.validation, SplitValidation)
             else None
         ),
         "task": recipe.model.task,
@@ -184,11 +183,11 @@ def tokenizer_digest(tokenizer) -> str:
 
 
 def code_digest() -> str:
-    """peftcli's version and a hash of the modules that turn rows into token ids (a change there, released or
-    not, makes new entries)."""
+    """peftcli's version and a hash of the data package's modules, which turn rows into token ids (a change
+    there, released or not, makes new entries; a change that does not alter token ids costs one tokenization)."""
     digest = hashlib.sha256(peftcli.__version__.encode())
-    for name in RENDER_MODULES:
-        digest.update((Path(__file__).parent / name).read_bytes())
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(module.name.encode() + b"\0" + module.read_bytes())
     return f"{peftcli.__version__}+{digest.hexdigest()[:16]}"
 
 
