@@ -93,7 +93,8 @@ def example_header(report, example, row) -> str:
     where = f"example {example.index} of {report.split}" + (f", {row.name}" if row.name else "")
     cut = "truncated to max_length" if example.truncated else "not truncated"
     label = f", label {example.label}" if example.label is not None and not row.name else ""
-    return f"── {where}: {len(row.input_ids)} tokens, {row.trained_tokens} trained, {cut}{label}"
+    trained = "its label trained" if report.task == "seq_cls" else f"{row.trained_tokens} trained"
+    return f"── {where}: {len(row.input_ids)} tokens, {trained}, {cut}{label}"
 
 
 def histogram_lines(report, bar: str) -> list[str]:
@@ -113,6 +114,8 @@ def statistics_lines(report) -> list[str]:
         f"{stats.truncated:,} truncated to max_length {report.max_length}",
         f"tokens: {stats.tokens:,}, trained {stats.label_tokens:,} ({report.label_share:.1%})",
     ]
+    if report.task == "seq_cls":  # one label per example, not a token
+        lines[1] = f"tokens: {stats.tokens:,}; one trained label per example"
     if report.packing_efficiency is not None:
         lines.append(
             f"batches of {report.batch_size} rows: packed into {report.packed_rows:,} rows, filled "
@@ -128,7 +131,9 @@ def statistics_lines(report) -> list[str]:
 def print_report(report, console) -> None:
     """The examples, then the statistics; colour on a terminal, plain markers anywhere else."""
     plain = not console.is_terminal or console.no_color or console.color_system is None
-    if plain:
+    if not report.examples:
+        console.print(f"(no examples shown from {report.split})", markup=False, soft_wrap=True)
+    elif plain:
         console.print(
             f"legend: {OPEN}trained tokens{CLOSE}, the rest is context; {NEWLINE} ends a line",
             markup=False,
@@ -142,8 +147,6 @@ def print_report(report, console) -> None:
         for row in example.rows:
             console.print(example_header(report, example, row), markup=False, soft_wrap=True)
             console.print(marked_text(row, plain), soft_wrap=True)
-    if not report.examples:
-        console.print(f"(no examples shown from {report.split})", markup=False, soft_wrap=True)
     console.print()
     for line in statistics_lines(report):
         console.print(line, markup=False, soft_wrap=True)

@@ -56,6 +56,7 @@ class SplitReport:
     """One split: a few examples and the figures training will see."""
 
     split: str
+    task: str
     stats: SplitStats
     examples: list[ShownExample]
     max_length: int
@@ -177,6 +178,7 @@ def inspect_split(recipe, tokenizer, prepared: PreparedData, split: str, count: 
                                data.group_by_length, training.seed, processes)  # fmt: skip
     return SplitReport(
         split=split,
+        task=recipe.model.task,
         stats=prepared.stats[split],
         examples=examples,
         max_length=data.max_length,
@@ -209,6 +211,7 @@ def report_as_dict(report: SplitReport) -> dict:
     ]
     return {
         "split": report.split,
+        "task": report.task,
         "stats": vars(report.stats),
         "label_share": report.label_share,
         "max_length": report.max_length,

@@ -124,3 +124,38 @@ def test_inspect_shows_dropped_counts_and_a_reasoning_example(tmp_path: Path, ti
         "\n",
     ]
     assert first.trained_tokens == sum(1 for x in first.labels if x != IGNORE_INDEX) > 5
+
+
+def test_pairs_show_both_sides_and_a_classifier_its_label(
+    tmp_path: Path, tiny_model_dir: Path, tiny_bert_dir: Path
+) -> None:
+    from peftcli.examples.tiny import marker_classification_task
+    from peftcli.models.load import load_tokenizer
+
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": f"copy {w}", "chosen": w, "rejected": "zulu zulu"} for w in ("alpha", "bravo", "echo")],
+    )
+    raw = make_recipe(tmp_path, tiny_model_dir, pairs, objective={"name": "dpo", "beta": 0.1})
+    raw["data"].update(train={"path": str(pairs), "format": "preference"}, validation=None)
+    recipe = Recipe.model_validate(raw)
+    tok = load_tokenizer(recipe.model)
+    prepared = prepare_data(recipe, tok)
+    report = inspect_split(recipe, tok, prepared, "train", 1, packing=False)
+    (shown,) = report.examples
+    chosen, rejected = shown.rows
+    assert (chosen.name, rejected.name) == ("chosen", "rejected")
+    assert rejected.input_ids == prepared.train[0]["rejected_input_ids"]
+    trained = ["".join(s.text for s in row.segments if s.trained) for row in shown.rows]
+    assert trained == ["alpha<|im_end|>\n", "zulu zulu<|im_end|>\n"]  # each side's completion, the prompt is context
+    assert chosen.trained_tokens > 0 and rejected.trained_tokens > chosen.trained_tokens
+
+    texts = write_jsonl(tmp_path / "labelled.jsonl", marker_classification_task(20))
+    raw = make_recipe(tmp_path, tiny_bert_dir, texts, model={"name_or_path": str(tiny_bert_dir), "task": "seq_cls"})
+    raw["data"].update(train={"path": str(texts), "format": "classification"}, validation=None)
+    recipe = Recipe.model_validate(raw)
+    tok = load_tokenizer(recipe.model)
+    prepared = prepare_data(recipe, tok)
+    report = inspect_split(recipe, tok, prepared, "train", 2, packing=False)
+    assert [e.label for e in report.examples] == [prepared.label_names[prepared.train[i]["labels"]] for i in (0, 1)]
+    assert [e.rows[0].trained_tokens for e in report.examples] == [0, 0]  # the label is the target, not a token
