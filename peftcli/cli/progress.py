@@ -32,15 +32,12 @@ def print_plan(recipe: Recipe, mode: str, adapted: str | None = None) -> None:
         table.add_row("starts from", f"the adapter in {recipe.model.adapter} (training continues it)")
     objective = recipe.objective.model_dump(exclude={"name"})
     table.add_row("objective", f"{recipe.objective.name} " + ", ".join(f"{k}={v}" for k, v in objective.items()))
-    train_src = recipe.data.train
-    table.add_row(
-        "train data",
-        f"{train_src.path} [{train_src.format}]"
-        + (f", first {train_src.max_samples}" if train_src.max_samples else ""),
-    )
+    for label, text in _train_rows(recipe):
+        table.add_row(label, text)
     val = recipe.data.validation
     if isinstance(val, SplitValidation):
-        table.add_row("validation", f"{val.fraction:.1%} held out of the training data")
+        of = "each training source (before mixing)" if recipe.data.mixed else "the training data"
+        table.add_row("validation", f"{val.fraction:.1%} held out of {of}")
     elif isinstance(val, DataSource):
         table.add_row("validation", f"{val.path} [{val.format}]")
     else:
@@ -128,6 +125,8 @@ class RichReporter:
             c.print(f"base quantized: {plan['quantization']}; optimizer {plan['optimizer']}", highlight=False)
         for note in plan.get("notes", ()):
             c.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False)
+        for line in _mix_lines(plan.get("data_mix") or []):
+            c.print(escape(line), highlight=False)
         if stats["truncated"] or stats["dropped_no_labels"]:
             c.print(
                 f"[yellow]note[/yellow]: {stats['truncated']} training examples truncated to data.max_length, "
@@ -262,3 +261,39 @@ def _loss_line(summary: dict) -> str:
 def _maybe(value: float | None) -> str:
     """A metric that may be missing (a mean over no example), to three decimals."""
     return "-" if value is None else f"{value:.3f}"
+
+
+def _train_rows(recipe: Recipe) -> list[tuple[str, str]]:
+    """The plan's rows for data.train: its source, or one row per source of a mix with what it asks for."""
+    data = recipe.data
+    rows = []
+    weights = [s.weight for _, s in data.train_sources() if getattr(s, "weight", None) is not None]
+    for key, source in data.train_sources():
+        text = f"{source.path} [{source.format}]" + (f", first {source.max_samples}" if source.max_samples else "")
+        if data.mixed:
+            weight, samples = source.weight, source.samples
+            if weight is not None:
+                text += f"; weight {weight:g} ({weight / sum(weights):.1%} of the examples)"
+            else:
+                text += f"; {samples} examples (repeated where it has fewer rows)" if samples else "; all its rows"
+        rows.append(("train data" if not data.mixed else key, escape(text)))  # escaped: [format] is not markup
+    if data.mixed:
+        seed = data.shuffle_seed if data.shuffle_seed is not None else recipe.training.seed
+        size = "the largest mix with these shares that repeats no row" if weights else "the counts above"
+        rows.append(("mix", f"{size}, drawn and interleaved with seed {seed}"))
+    return rows
+
+
+def _mix_lines(mix: list[dict]) -> list[str]:
+    """What each source of a mix gave the training set (one epoch, after truncation and dropping)."""
+    if len(mix) < 2:
+        return []
+    lines = ["data mix (one epoch, after truncation and dropping):"]
+    for row in mix:
+        repeated = f", {row['drawn']} drawn from {row['rows']} rows (repeated)" if row["repeated"] else ""
+        lines.append(
+            f"  {row['source']} {row['path']} [{row['format']}]: {row['examples']} examples "
+            f"({row['examples_share']:.1%}), {row['tokens']:,} tokens ({row['tokens_share']:.1%}), "
+            f"{row['label_tokens']:,} label tokens ({row['label_tokens_share']:.1%}){repeated}"
+        )
+    return lines

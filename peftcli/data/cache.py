@@ -115,7 +115,7 @@ def cache_key(recipe: Recipe, tokenizer) -> tuple[str, dict]:
         },
         "split_seed": (
             (data.shuffle_seed if data.shuffle_seed is not None else recipe.training.seed)
-            if isinstance(data.validation, SplitValidation)
+            if isinstance(data.validation, SplitValidation) or data.mixed  # a list of sources is drawn by it
             else None
         ),
         "task": recipe.model.task,

@@ -59,6 +59,9 @@ def _check_override_path(data: dict, keys: list[str], text: str) -> None:
     """Refuse an override whose key the schema does not have, with a suggestion."""
     loc: list[Any] = []
     for index, key in enumerate(keys):
+        if isinstance(key, int):  # an entry of a list (data.train.1.weight), checked by apply_overrides
+            loc.append(key)
+            continue
         _, holders = walk(Recipe, tuple(loc + [key]))
         if index == 0:
             holders = [Recipe]
@@ -71,11 +74,22 @@ def _check_override_path(data: dict, keys: list[str], text: str) -> None:
             _, holders = walk(Recipe, tuple(loc + [key]))
         fields = sorted({f for m in holders for f in m.model_fields})
         if holders and key not in fields:
-            where = ".".join(keys[:index]) or "top level"
+            where = ".".join(map(str, keys[:index])) or "top level"
             raise PeftCliError(f"--set {text}: no key '{key}' under {where}{suggest(key, fields)}")
         if not holders:
             return  # below a free-form mapping (e.g. data.train.columns)
         loc.append(key)
+
+
+def _list_index(entries: list, key: str, above: list, text: str) -> int:
+    """The entry a --set key names in a list (data.train.1.weight), or an error saying how to name one."""
+    if key.isdigit() and int(key) < len(entries):
+        return int(key)
+    where = ".".join(map(str, above))
+    raise PeftCliError(
+        f"--set {text}: {where} is a list of {len(entries)} entries; name one by its index (0 to "
+        f"{len(entries) - 1}), e.g. {where}.0.{'path' if key.isdigit() else key}"
+    )
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -84,10 +98,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         keys, value = parse_override(text)
         node = data
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
-            node = node[key]
+        for index, key in enumerate(keys):
+            last = index == len(keys) - 1
+            if isinstance(node, list):  # a list of sources: the key is an entry's index
+                keys[index] = key = _list_index(node, key, keys[:index], text)
+            if not last:
+                if not isinstance(node[key] if isinstance(node, list) else node.get(key), (dict, list)):
+                    node[key] = {}
+                node = node[key]
         node[keys[-1]] = value
         _check_override_path(data, keys, text)
     return data

@@ -243,6 +243,56 @@ class DataSource(StrictModel):
         return self
 
 
+class MixSource(DataSource):
+    """One entry of a list of training sources: a data source and how much of the mix it makes."""
+
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Relative share of the mixed examples. With weights on every entry the mix is as large as "
+        "it can be with those shares without repeating any source's rows.",
+    )
+    samples: int | None = Field(
+        None,
+        gt=0,
+        description="Exactly this many examples of this source (a seeded random subset; more than the source "
+        "has repeats every row as evenly as possible). An entry without weight or samples gives all its rows.",
+    )
+
+    @model_validator(mode="after")
+    def _weight_or_samples(self) -> MixSource:
+        if self.weight is not None and self.samples is not None:
+            raise ValueError("set weight or samples, not both (a weight is a share of the mix, samples a count)")
+        return self
+
+
+def _train_kind(value: Any) -> str:
+    return "mix" if isinstance(value, (list, tuple)) else "single"
+
+
+TrainSpec = Annotated[
+    Union[Annotated[DataSource, Tag("single")], Annotated[list[MixSource], Tag("mix")]],  # noqa: UP007
+    Discriminator(_train_kind),
+]
+
+
+def mix_problem(sources: list[MixSource]) -> str | None:
+    """Why a list of training sources cannot be mixed (its key first), or None: weights on every entry or on
+    none, since a weight is a share of the whole mix and a fixed count leaves nothing for it to share."""
+    if not sources:
+        return "data.train: an empty list; give one source or a list of them"
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    if weighted and len(weighted) < len(sources):
+        other = next(i for i, s in enumerate(sources) if s.weight is None)
+        key, has = ("samples", "samples") if sources[other].samples is not None else ("weight", "no weight")
+        return (
+            f"data.train[{other}].{key}: data.train[{weighted[0]}] has a weight but this entry has {has}; weights "
+            "are shares of the whole mix, so give every entry a weight, or none (then samples sets an entry's "
+            "count, and an entry without it gives all its rows)"
+        )
+    return None
+
+
 class SplitValidation(StrictModel):
     """Hold out a fraction of the training data for evaluation."""
 
@@ -266,9 +316,13 @@ ValidationSpec = Annotated[
 class DataSection(StrictModel):
     """Training and validation data, and how it is turned into token ids and labels."""
 
-    train: DataSource
+    train: TrainSpec = Field(
+        description="One data source, or a list of them mixed by weight or samples (seeded by shuffle_seed)."
+    )
     validation: ValidationSpec | None = Field(
-        None, description="{fraction: 0.05} to hold out part of train, or a data source of its own."
+        None,
+        description="{fraction: 0.05} to hold out part of train (of each source, when train is a list), or a "
+        "data source of its own.",
     )
     max_length: int = Field(
         1024, gt=8, description="Examples are truncated to this many tokens (seq2seq: inputs and targets each)."
@@ -276,13 +330,16 @@ class DataSection(StrictModel):
     labels: list[str | int] | None = Field(
         None,
         description="seq_cls and token_cls: the label names in id order (id 0 first). Data labels are matched "
-        "by value (numbers by their decimal form). Default: the sorted distinct labels of data.train.",
+        "by value (numbers by their decimal form). Default: the sorted distinct labels of data.train (of all its "
+        "sources, when a list).",
     )
     mask_prompt: bool = Field(
         True,
         description="Compute the loss on completions and assistant turns only; false trains on every token.",
     )
-    shuffle_seed: int | None = Field(None, description="Seed of the validation split; defaults to training.seed.")
+    shuffle_seed: int | None = Field(
+        None, description="Seed of the validation split and of the data mix; defaults to training.seed."
+    )
     packing: bool | Literal["auto"] = Field(
         "auto",
         description="causal_lm: pack several examples into each row of up to max_length tokens (training.batch_size "
@@ -295,6 +352,17 @@ class DataSection(StrictModel):
         description="When not packing, batch training examples of similar length (random across batches) so "
         "little of each batch is padding.",
     )
+
+    @property
+    def mixed(self) -> bool:
+        """True when data.train is a list of sources."""
+        return isinstance(self.train, list)
+
+    def train_sources(self) -> list[tuple[str, DataSource]]:
+        """Each training source with its recipe key: data.train, or data.train[0], data.train[1], ..."""
+        if isinstance(self.train, list):
+            return [(f"data.train[{i}]", source) for i, source in enumerate(self.train)]
+        return [("data.train", self.train)]
 
     @field_validator("labels")
     @classmethod
@@ -479,15 +547,27 @@ class Recipe(StrictModel):
             if self.training.eval_generation is not None:
                 raise ValueError("training.eval_generation needs data.validation (a fraction or a data source)")
         if self.training.eval_generation is not None:
-            source = self.data.validation if isinstance(self.data.validation, DataSource) else self.data.train
-            if source.format == "text":
-                raise ValueError("training.eval_generation needs prompts; format text has none")
+            if isinstance(self.data.validation, DataSource):
+                sources = [("data.validation", self.data.validation)]
+            else:
+                sources = self.data.train_sources()
+            for key, source in sources:
+                if source.format == "text":
+                    raise ValueError(f"training.eval_generation needs prompts; format text has none ({key})")
+        return self
+
+    @model_validator(mode="after")
+    def _train_mix_is_consistent(self) -> Recipe:
+        if isinstance(self.data.train, list):
+            problem = mix_problem(self.data.train)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
     def _task_fits_data_and_method(self) -> Recipe:
         task = self.model.task
-        sources = [("data.train", self.data.train)]
+        sources = self.data.train_sources()
         if isinstance(self.data.validation, DataSource):
             sources.append(("data.validation", self.data.validation))
         allowed = TASK_FORMATS[task]
@@ -550,7 +630,7 @@ class Recipe(StrictModel):
         spec, task = get_objective(self.objective.name), self.model.task
         if task not in spec.capabilities.tasks:
             raise ValueError(f"objective.name: {spec.name} trains model.task causal_lm, not {task}")
-        sources = [("data.train", self.data.train)]
+        sources = self.data.train_sources()
         if isinstance(self.data.validation, DataSource):
             sources.append(("data.validation", self.data.validation))
         wanted = spec.capabilities.data_format

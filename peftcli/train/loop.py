@@ -27,6 +27,7 @@ import peftcli
 from peftcli.data.cache import tokenized_data
 from peftcli.data.collate import PadCollator, PairCollator, UnpairedCollator
 from peftcli.data.packing import PackedDataset, padding_share, shuffled
+from peftcli.data.prepare import mix_with_paths
 from peftcli.data.progress_lines import ProgressLines
 from peftcli.data.sampler import LengthGroupedSampler
 from peftcli.errors import ModelError, OutputError, PeftCliError
@@ -489,6 +490,7 @@ def _facts(run: Run) -> dict:
         "label_names": getattr(data, "label_names", None),
         "device": str(run.accelerator.device),
         "data_stats": {k: vars(v) for k, v in data.stats.items()},
+        "data_mix": mix_with_paths(run.recipe, data.stats["train"]),
         # read when the run starts: the adapter directory may be trained again while this run goes on
         "start_chain": start_chain(Path(run.recipe.model.adapter)) if run.recipe.model.adapter else None,
     }
@@ -831,6 +833,7 @@ def _summary(run: Run) -> dict:
         **_peak_memory(run.accelerator.device),
         **{key: facts[key] for key in kept},
         "majority_class_rate": majority_class_rate(run.data.validation, run.recipe.model.task),
+        "data": {"mix": facts["data_mix"]},  # per source: examples and tokens of one epoch
         "output_dir": str(run.out_dir),
         **({"start_chain": facts["start_chain"]} if facts.get("start_chain") else {}),
         "versions": {
