@@ -62,7 +62,7 @@ def results_table(results: dict) -> str:
         samples = (counts.get(task) or {}).get("effective", "")
         for key, value in metrics.items():
             name, _, filtered = key.partition(",")
-            if key == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{name}_stderr,{filtered}" if filtered else f"{name}_stderr")
             shown = f"{name} ({filtered})" if filtered and filtered != "none" else name
