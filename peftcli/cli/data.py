@@ -123,6 +123,12 @@ def statistics_lines(report) -> list[str]:
         )
     else:
         lines.append(f"batches of {report.batch_size}: {report.batches}, padding {report.padding_share:.1%}")
+    for source in stats.mix if len(stats.mix) > 1 else []:  # data.train as a list of sources
+        lines.insert(
+            len(lines) - 1,
+            f"  {source['source']}: {source['examples']:,} examples ({source['examples_share']:.1%}), "
+            f"{source['label_tokens_share']:.1%} of trained tokens, {source['truncated']:,} truncated",
+        )
     if stats.label_counts:
         lines.append("labels: " + ", ".join(f"{name} {n:,}" for name, n in stats.label_counts.items()))
     return lines

@@ -98,3 +98,25 @@ def test_bad_recipe_path_and_split_are_one_line_errors(tmp_path: Path, recipe_fi
     bad_split = run_cli("data", "inspect", str(recipe_file), "--split", "test")
     assert bad_split.returncode == 2
     assert bad_split.stderr.strip() == "error: --split: 'test' is not a split; use train or validation"
+
+
+def test_a_mix_lists_what_each_source_gives(
+    tmp_path: Path, tiny_model_dir: Path, copy_data: Path, monkeypatch, capsys
+) -> None:
+    raw = make_recipe(tmp_path, tiny_model_dir, copy_data)
+    raw["data"]["train"] = [
+        {"path": str(copy_data), "format": "prompt_completion", "weight": 3},
+        {"path": str(copy_data), "format": "text", "columns": {"text": "prompt"}, "weight": 1},
+    ]
+    path = write_recipe(tmp_path / "mix.yaml", raw)
+    from peftcli.models.load import load_tokenizer
+
+    recipe = Recipe.model_validate(raw)
+    mix = prepare_data(recipe, load_tokenizer(recipe.model)).stats["train"].mix
+    out = _inspect(path, monkeypatch, capsys, colour=False)
+    for source in mix:
+        assert (
+            f"\n  {source['source']}: {source['examples']:,} examples ({source['examples_share']:.1%}), "
+            f"{source['label_tokens_share']:.1%} of trained tokens, {source['truncated']} truncated\n"
+        ) in out
+    assert [s["source"] for s in mix] == ["data.train[0]", "data.train[1]"] and mix[0]["examples"] > mix[1]["examples"]
