@@ -44,6 +44,7 @@ def model_card(adapter_dir: Path, method: str, raw_config: dict) -> str:
     spec = get_tuner(method)
     data = recipe.get("data") or {}
     train = data.get("train") or {}
+    sources = train if isinstance(train, list) else [train]  # a mixed run lists each source
     front = {"base_model": base, "library_name": "peft", "tags": ["peftcli", method, spec.peft_type.lower()]}
     lines = [
         "---",
@@ -62,8 +63,13 @@ def model_card(adapter_dir: Path, method: str, raw_config: dict) -> str:
         "",
         "## Data",
         "",
-        f"- training data: `{train.get('path', 'unknown')}` (format {train.get('format', 'unknown')})",
     ]
+    for source in sources:
+        share = f", weight {source['weight']:g}" if source.get("weight") else ""
+        share += f", {source['samples']} examples" if source.get("samples") else ""
+        lines.append(
+            f"- training data: `{source.get('path', 'unknown')}` (format {source.get('format', 'unknown')}{share})"
+        )
     if data.get("max_length"):
         lines.append(f"- sequences truncated to {data['max_length']} tokens")
     metrics = _metric_lines(summary)

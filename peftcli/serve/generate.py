@@ -50,6 +50,8 @@ def prompt_style(loaded: LoadedModel) -> PromptStyle:
     """The run's training prompt style, read from its recipe's data.train (a bare merged model: the chat
     template when its tokenizer has one)."""
     train = ((loaded.recipe.get("data") or {}).get("train")) or {}
+    if isinstance(train, list):  # a mixed run: prompts are rendered as its first source's were
+        train = train[0]
     has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
     if not train:
         return PromptStyle(chat=has_template and loaded.task == "causal_lm")

@@ -56,6 +56,7 @@ def eval_recipe(run: Path, choice: DataChoice, base: str | None):
                 "--format F (or evaluate the run directory with --merged)"
             )
         source = {"path": choice.path, "format": choice.format, "columns": choice.columns}
+        source.update({"max_samples": choice.max_samples} if choice.max_samples else {})
         data = _checked(lambda: DataSection(train=source), "--data")
         return SimpleNamespace(data=data, model=SimpleNamespace(task=None), training=SimpleNamespace(seed=0,
                                eval_generation=None, precision="auto"), objective=None)  # fmt: skip
@@ -64,10 +65,13 @@ def eval_recipe(run: Path, choice: DataChoice, base: str | None):
         raw.setdefault("model", {})["name_or_path"] = base
     if choice.path is not None:
         data = raw.setdefault("data", {})
-        train = dict(data.get("train") or {})
+        train = data.get("train") or {}
+        if isinstance(train, list):  # a mixed run: the file is read like its first source unless told otherwise
+            train = {k: v for k, v in train[0].items() if k not in ("weight", "samples")}
+        train = dict(train)
         if choice.format is not None and choice.format != train.get("format"):
             train["columns"] = {}  # the run's column names belong to its own format
-        train.update(path=choice.path, max_samples=None)
+        train.update(path=choice.path, max_samples=choice.max_samples)  # only the rows scored are read
         train.update({"format": choice.format} if choice.format else {})
         train["columns"] = {**train.get("columns", {}), **choice.columns}
         data.update(train=train, validation=None)

@@ -244,6 +244,17 @@ def test_a_mixed_run_writes_the_realised_mix(tmp_path: Path, tiny_model_dir: Pat
         ("data.train[1]", 18, 18, 2),
     ]
     assert [row["examples_share"] for row in mix] == [0.5, 0.5]
+    # the exported adapter's model card lists every source
+    from peftcli.export.peft_format import model_card
+
+    card = model_card(tmp_path / "run", "lora", {})
+    assert f"- training data: `{sources['chat']['path']}` (format chat, weight 1)" in card
+    assert f"- training data: `{sources['plain']['path']}` (format prompt_completion, weight 1)" in card
+    # peft eval --data FILE on the run reads the file like its first source
+    from peftcli.serve.score import DataChoice, eval_recipe
+
+    evaluated = eval_recipe(tmp_path / "run", DataChoice(path=sources["chat"]["path"]), None)
+    assert evaluated.data.train.format == "chat" and evaluated.data.train.columns == {"messages": "conversation"}
     # the lines `peft train` prints before the first step
     lines = _mix_lines(mix)
     assert lines[0] == "data mix (one epoch, after truncation and dropping):"
@@ -261,3 +272,13 @@ def test_the_dry_run_plan_shows_a_row_per_source(tmp_path: Path, tiny_model_dir:
     assert f"data.train[1]  {sources['plain']['path']} [prompt_completion]; weight 1 (25.0% of the examples)" in out
     assert "the largest mix with these shares that repeats no row, drawn and interleaved with seed 42" in out
     assert "10.0% held out of each training source (before mixing)" in out
+
+
+def test_a_mixed_run_answers_in_its_first_sources_prompt_style(tokenizer, sources) -> None:
+    from types import SimpleNamespace
+
+    from peftcli.serve.generate import prompt_style
+
+    recipe = {"data": {"train": [{**sources["alpaca"], "weight": 1}, {**sources["chat"], "weight": 1}]}}
+    style = prompt_style(SimpleNamespace(recipe=recipe, tokenizer=tokenizer, task="causal_lm"))
+    assert (style.chat, style.alpaca) == (False, True)  # the first source: alpaca in plain style
