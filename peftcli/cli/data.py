@@ -18,9 +18,9 @@ NEWLINE = "↵"
 
 def inspect(
     recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
-    count: int = typer.Option(3, "-n", "--examples", min=0, help="How many examples to show."),
-    split: str = typer.Option("train", "--split", help="train or validation."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    count: int = typer.Option(3, "-n", "--examples", min=0, metavar="N", help="How many examples to show."),
+    split: str = typer.Option("train", "--split", metavar="train|validation", help="Which split to show."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (token ids, labels, figures) instead of text."),
 ) -> None:
     """Show examples as training gets them (trained tokens marked) and the split's statistics; loads the
