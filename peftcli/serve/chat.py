@@ -12,7 +12,12 @@ class ChatSession:
 
     def __init__(self, loaded: LoadedModel, system: str | None, sampling: Sampling):
         check_generative(loaded, "chat")
-        if loaded.task != "causal_lm" or not getattr(loaded.tokenizer, "chat_template", None):
+        if loaded.task == "seq2seq":
+            raise PeftCliError(
+                f"{loaded.source}: a seq2seq model reads its prompt as plain text, not a conversation; use peft "
+                "generate RUN --prompt TEXT"
+            )
+        if not getattr(loaded.tokenizer, "chat_template", None):
             raise PeftCliError(
                 f"{loaded.source}: the tokenizer has no chat template, so there is no conversation format to "
                 "chat in; use peft generate RUN --prompt TEXT for single prompts"
