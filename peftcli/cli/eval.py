@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 RUN_HELP = "A finished run directory (peft train) or a merged model directory (peft merge)."
-MERGED_HELP = "Score this merged model directory (peft merge of RUN) instead of base + adapter."
+MERGED_HELP = "Use this merged model directory (peft merge of RUN) instead of base + adapter."
 
 
 def evaluate(
