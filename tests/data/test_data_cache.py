@@ -23,6 +23,7 @@ from peftcli.models.load import load_tokenizer
 from peftcli.recipe.load import validate_recipe_dict
 from peftcli.train.loop import SilentReporter, train
 from peftcli.train.reference_logps import fingerprint
+from peftcli.train.run_dir import leftovers_under
 from peftcli.writers import WRITER_FILE
 
 from support import make_recipe, run_cli, write_recipe
@@ -140,6 +141,15 @@ def test_the_key_follows_the_data_content_max_length_and_chat_template(tmp_path,
     data_file.write_text(original)
     assert cache_key(recipe, tokenizer)[0] == key
 
+    # A directory of files: every file's content counts.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(data_file, folder / "a.jsonl")
+    write_jsonl(folder / "b.jsonl", copy_task(8, seed=1))
+    in_folder = cache_key(_recipe(tmp_path, tiny_model_dir, folder), tokenizer)[0]
+    write_jsonl(folder / "b.jsonl", copy_task(8, seed=2))
+    assert cache_key(_recipe(tmp_path, tiny_model_dir, folder), tokenizer)[0] not in (in_folder, key)
+
     tokenizer.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
     assert cache_key(recipe, tokenizer)[0] != key
     assert set(parts) == {"layout", "data", "split_seed", "task", "tokenizer", "code", "libraries"}
@@ -192,6 +202,8 @@ def test_a_write_cut_short_leaves_no_entry_and_a_killed_writer_leftover_goes(
     alive = own_cache / f".{key}-0000live.partial"
     alive.mkdir()
     (alive / WRITER_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+    assert leftovers_under(own_cache) == [(leftover, "an interrupted merge, export or data prepare")]  # peft clean
 
     _, found = tokenized_data(recipe, tokenizer)
     assert not found.reused and found.path == own_cache / key
