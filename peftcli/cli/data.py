@@ -32,6 +32,8 @@ def inspect(
     if split not in SPLITS:
         raise DataError(f"--split: {split!r} is not a split; use train or validation")
     recipe = load_recipe(recipe_file, overrides)
+    if split == "validation" and recipe.data.validation is None:  # refused before anything loads
+        raise DataError("data.validation: the recipe has no validation split; set data.validation or use --split train")
     report = build_report(recipe, split, count)
     if as_json:
         from peftcli.data.inspect import report_as_dict
@@ -52,8 +54,6 @@ def build_report(recipe, split: str, count: int):
 
     tokenizer = load_tokenizer(recipe.model)
     prepared = prepare_data(recipe, tokenizer)
-    if split == "validation" and prepared.validation is None:
-        raise DataError("data.validation: the recipe has no validation split; set data.validation or use --split train")
     # As set_up in train/loop.py decides it: two-row examples never pack.
     pairs = get_objective(recipe.objective.name).capabilities.preference_data
     capable = get_tuner(recipe.method.name).capabilities.packing and not pairs

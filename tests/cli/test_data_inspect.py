@@ -99,6 +99,9 @@ def test_bad_recipe_path_and_split_are_one_line_errors(tmp_path: Path, recipe_fi
     assert bad_split.returncode == 2
     assert bad_split.stderr.strip() == "error: --split: 'test' is not a split; use train or validation"
 
+    none = run_cli("data", "inspect", str(recipe_file), "--split", "validation", "--set", "data.validation=null")
+    assert none.returncode == 2 and none.stderr.strip().startswith("error: data.validation: the recipe has no valid")
+
 
 def test_a_mix_lists_what_each_source_gives(
     tmp_path: Path, tiny_model_dir: Path, copy_data: Path, monkeypatch, capsys
