@@ -28,7 +28,7 @@ def prepare(
     with _progress(console) as progress:
         data, entry = tokenized_data(recipe, tokenizer, progress, must_write=True)
     if entry.note:
-        console.print(f"note: {entry.note}", markup=False)
+        console.print(f"note: {entry.note}", markup=False, soft_wrap=True)
     size = f"{entry.size / 1e6:.1f} MB"
     if entry.reused:
         typer.echo(f"already cached, nothing tokenized: {entry.path} ({size})")
@@ -53,7 +53,7 @@ def _progress(console):
     if not console.is_terminal:
         from peftcli.data.progress_lines import ProgressLines
 
-        yield ProgressLines(lambda line: console.print(line, markup=False))
+        yield ProgressLines(lambda line: console.print(line, markup=False, soft_wrap=True))  # one line each in a log
         return
     from rich.progress import (
         BarColumn,
