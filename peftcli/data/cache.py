@@ -196,8 +196,6 @@ def code_digest() -> str:
 
 def read_entry(path: Path, key: str) -> tuple[PreparedData | None, str | None]:
     """The prepared data of a sound entry, else None and what is wrong (None as well when there is no entry)."""
-    import datasets
-
     if not path.is_dir():
         return None, None
     try:
@@ -208,12 +206,27 @@ def read_entry(path: Path, key: str) -> tuple[PreparedData | None, str | None]:
         return None, f"{ENTRY_FILE} unreadable: {exc}"
     if not isinstance(entry, dict) or entry.get("layout") != LAYOUT or entry.get("key") != key:
         return None, f"{ENTRY_FILE} is not of this key or layout"
-    for name, facts in entry.get("files", {}).items():
+    try:
+        return _entry_data(path, entry), None
+    except _Damaged as exc:
+        return None, str(exc)
+    except (KeyError, TypeError, AttributeError) as exc:  # an entry.json edited or cut by hand
+        return None, f"{ENTRY_FILE} is incomplete ({type(exc).__name__}: {exc})"
+
+
+class _Damaged(Exception):
+    """What is wrong with an entry's files."""
+
+
+def _entry_data(path: Path, entry: dict) -> PreparedData:
+    import datasets
+
+    for name, facts in entry["files"].items():
         file = path / name
         if not file.is_file():
-            return None, f"{name} is missing"
+            raise _Damaged(f"{name} is missing")
         if file.stat().st_size != facts["bytes"] or _file_hash(file) != facts["sha256"]:
-            return None, f"{name} differs from when it was written"
+            raise _Damaged(f"{name} differs from when it was written")
     splits = {}
     for name in SPLITS:
         rows = entry["rows"].get(name)
@@ -223,12 +236,12 @@ def read_entry(path: Path, key: str) -> tuple[PreparedData | None, str | None]:
         try:
             splits[name] = datasets.load_from_disk(str(path / name))
         except Exception as exc:  # datasets raises many types for a broken directory
-            return None, f"{name} cannot be read: {exc}"
+            raise _Damaged(f"{name} cannot be read: {exc}") from None
         if len(splits[name]) != rows:
-            return None, f"{name} has {len(splits[name])} rows, not {rows}"
+            raise _Damaged(f"{name} has {len(splits[name])} rows, not {rows}")
     prepared = dict(entry["prepared"])
     prepared["stats"] = {name: SplitStats(**stats) for name, stats in prepared["stats"].items()}
-    return PreparedData(**splits, **prepared), None
+    return PreparedData(**splits, **prepared)
 
 
 def write_entry(path: Path, key: str, data: PreparedData, parts: dict) -> None:

@@ -176,6 +176,13 @@ def test_a_damaged_entry_is_rebuilt_never_read(tmp_path, tiny_model_dir, data_fi
     _, found = tokenized_data(recipe, tokenizer)
     assert not found.reused and "(no entry.json)" in found.note
 
+    record = json.loads((entry / cache.ENTRY_FILE).read_text())
+    del record["files"]  # an entry.json edited by hand
+    (entry / cache.ENTRY_FILE).write_text(json.dumps(record))
+    again, found = tokenized_data(recipe, tokenizer)
+    assert not found.reused and "(entry.json is incomplete (KeyError: 'files'))" in found.note
+    assert again.train[:] == expected
+
 
 def test_a_write_cut_short_leaves_no_entry_and_a_killed_writer_leftover_goes(
     tmp_path, tiny_model_dir, data_file, own_cache, monkeypatch
