@@ -147,9 +147,7 @@ def test_validation_is_held_out_of_each_source_before_repeating(
     assert not set(examples(prepared.validation)) & set(examples(prepared.train))
 
 
-def test_precomputed_rows_and_a_validation_source_of_its_own(
-    tmp_path: Path, tiny_model_dir: Path, sources, tokenizer
-) -> None:
+def test_a_validation_source_of_its_own_beside_a_mix(tmp_path: Path, tiny_model_dir: Path, sources, tokenizer) -> None:
     train = [sources["chat"], {**sources["plain"], "samples": 5}]
     prepared = prepare_data(mixed_recipe(tmp_path, tiny_model_dir, train, validation=sources["alpaca"]), tokenizer)
     assert len(prepared.train) == 35 and len(prepared.validation) == 12
@@ -282,3 +280,45 @@ def test_a_mixed_run_answers_in_its_first_sources_prompt_style(tokenizer, source
     recipe = {"data": {"train": [{**sources["alpaca"], "weight": 1}, {**sources["chat"], "weight": 1}]}}
     style = prompt_style(SimpleNamespace(recipe=recipe, tokenizer=tokenizer, task="causal_lm"))
     assert (style.chat, style.alpaca) == (False, True)  # the first source: alpaca in plain style
+
+
+def test_a_preference_mix_trains_the_same_with_a_precomputed_reference(
+    tmp_path: Path, tiny_model_dir: Path, one_torch_thread
+) -> None:
+    rows = copy_task(24, seed=5)
+    pairs = [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": rows[(i + 1) % 24]["completion"]}
+        for i, r in enumerate(rows)
+    ]
+    first = write_jsonl(tmp_path / "pairs.jsonl", pairs[:14])
+    second = write_jsonl(tmp_path / "renamed.jsonl", [{"q": p["prompt"], "good": p["chosen"], "bad": p["rejected"]}
+                                                      for p in pairs[14:]])  # fmt: skip
+    train = [
+        {"path": str(first), "format": "preference", "weight": 1},
+        {"path": str(second), "format": "preference", "columns": {"prompt": "q", "chosen": "good", "rejected": "bad"},
+         "weight": 1},
+    ]  # fmt: skip
+    from peftcli.train.loop import train as run_training
+
+    summaries, records = {}, {}
+    for reference in ("live", "precomputed"):
+        raw = make_recipe(
+            tmp_path,
+            tiny_model_dir,
+            first,
+            objective={"name": "dpo", "beta": 0.1, "reference": reference},
+            data={"train": train, "validation": {"fraction": 0.25}, "max_length": 64},
+            training={"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "schedule": "constant"},
+            output={"dir": str(tmp_path / reference)},
+        )
+        summaries[reference] = run_training(validate_recipe_dict(raw, f"{reference}.yaml"))
+        lines = (tmp_path / reference / "metrics.jsonl").read_text().splitlines()
+        records[reference] = [r for r in map(json.loads, lines) if r["type"] in ("train", "eval")]
+    assert summaries["precomputed"]["reference"] == "precomputed"
+    # 14 and 10 pairs, 4 and 2 held out: shares of 1/2 of min(10 * 2, 8 * 2) = 16
+    assert [row["examples"] for row in summaries["precomputed"]["data"]["mix"]] == [8, 8]
+    assert len(records["live"]) == len(records["precomputed"]) > 3
+    for a, b in zip(records["live"], records["precomputed"], strict=True):  # each row found its own reference
+        for key in ("loss", "eval_loss", "rewards/margin", "eval_rewards/margin"):
+            if a.get(key) is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (key, a, b)
