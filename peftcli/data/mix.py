@@ -33,8 +33,8 @@ def mix_counts(rows: list[int], weights: list[float | None], samples: list[int |
     """How many examples each source gives the mix (see the module's rule); `keys` name them in errors."""
     if not all(w is not None for w in weights):
         return [n if k is None else k for n, k in zip(rows, samples, strict=True)]
-    total = sum(Fraction(w) for w in weights)
-    shares = [Fraction(w) / total for w in weights]
+    exact = [Fraction(repr(w)) for w in weights]  # 0.7 as the decimal written, not its nearest binary float
+    shares = [w / sum(exact) for w in exact]
     size = min(math.floor(n / share) for n, share in zip(rows, shares, strict=True))
     quotas = [share * size for share in shares]
     counts = [math.floor(q) for q in quotas]

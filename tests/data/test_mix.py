@@ -71,6 +71,9 @@ def test_weights_realise_exact_counts() -> None:
     assert mix_counts([720, 90], [3, 1], [None, None], keys[:2]) == [270, 90]
     assert mix_counts([100, 100, 10], [0.5, 0.25, 0.25], [None] * 3, keys) == [20, 10, 10]
     assert mix_counts([4, 100], [1, 2], [None, None], keys[:2]) == [4, 8]
+    # decimal weights are taken as written: 0.7 + 0.3 is one, although their binary floats do not add up to it
+    assert mix_counts([70, 30], [0.7, 0.3], [None, None], keys[:2]) == [70, 30]
+    assert mix_counts([7, 3], [0.7, 0.3], [None, None], keys[:2]) == [7, 3]
     # shares 2/7, 2/7, 3/7 of 23: quotas 6.57, 6.57, 9.86; the two left go to the largest remainders
     assert mix_counts([10, 10, 10], [1, 1, 1.5], [None] * 3, keys) == [7, 6, 10]
     # no weights: samples is the count (repeating a source when larger), no samples gives every row
