@@ -210,9 +210,12 @@ def _score(loaded: LoadedModel, recipe, objective, dataset, choice: DataChoice, 
             prompts = [list(dataset[i]["input_ids"]) for i in shown]
         else:
             prompts = [prompt_ids(dataset[i]) for i in shown]
-        progress(f"answering {len(prompts)} prompts (up to {gen.max_new_tokens} new tokens each)")
-        with accelerator.autocast():
-            scored, _ = generation_score(loaded.model, loaded.tokenizer, prompts, gen.max_new_tokens, gen.pattern)
-        result.update(scored)
+        if all(prompts):
+            progress(f"answering {len(prompts)} prompts (up to {gen.max_new_tokens} new tokens each)")
+            with accelerator.autocast():
+                scored, _ = generation_score(loaded.model, loaded.tokenizer, prompts, gen.max_new_tokens, gen.pattern)
+            result.update(scored)
+        else:  # labels from the first token (format text, or mask_prompt off): no prompt to answer
+            progress("note: no generation score: these examples have no prompt before their labels")
     accelerator.end_training()
     return result

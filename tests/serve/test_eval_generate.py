@@ -90,6 +90,10 @@ def test_eval_of_a_file_and_of_the_merged_model(runs, merged_lora, copy_data):
     assert with_merged["eval_loss"] == pytest.approx(on_run["eval_loss"], rel=1e-4)
     assert bare["eval_loss"] == pytest.approx(on_run["eval_loss"], rel=1e-4)
     assert bare["eval_tokens"] == on_run["eval_tokens"]
+    # Plain text has no prompt to answer: the loss alone, no generation score.
+    text = DataChoice(path=str(copy_data), format="text", columns={"text": "prompt"}, max_samples=4)
+    as_text = evaluate_run(run, text)
+    assert as_text["examples"] == 4 and "gen_score" not in as_text and math.isfinite(as_text["eval_loss"])
 
 
 def _hf_answers(run, prompts: list[str], max_new_tokens: int) -> list[str]:
