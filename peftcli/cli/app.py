@@ -33,9 +33,9 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(runs_commands.runs_app, name="runs")
 data_app = typer.Typer(help="Look at the data as training will see it, and tokenize it ahead.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.add_typer(runs_commands.runs_app, name="runs")
 
 app.command("train")(train_commands.train)
 app.command("targets")(targets_commands.targets)

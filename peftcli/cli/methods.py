@@ -17,6 +17,7 @@ _REFERENCE_CONFIG = dict(
     max_position_embeddings=8192,
     tie_word_embeddings=True,
 )
+_PLAIN_WIDTH = 200
 _REFERENCE_STEPS = 1000  # for methods whose schedule depends on the training length
 
 
@@ -54,7 +55,11 @@ def methods(
     from peftcli.recipe.errors import suggest
     from peftcli.tuners.registry import all_tuners
 
+    # A pipe or a CI log reports 80 columns; a table squeezed to that cuts method names to "bottle…", so
+    # off a terminal the table takes the width it needs (terminals keep their own width).
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=_PLAIN_WIDTH)
     tuners = all_tuners()
     if name is not None:
         if name not in tuners:
@@ -64,6 +69,8 @@ def methods(
         return
     columns = ("method", "kind", "layers", "tasks", "merge", "quantized", "ZeRO-3/FSDP", "packing", "HF PEFT")
     table = Table(*columns, box=None)
+    table.columns[0].no_wrap = True  # a method's name is what people type: never cut or folded
+    table.columns[0].min_width = max(len(n) for n in tuners)
     if share:
         table.add_column("trainable", justify="right")
     notes: list[str] = []

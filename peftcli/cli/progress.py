@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -85,6 +86,34 @@ def print_plan(recipe: Recipe, mode: str, adapted: str | None = None) -> None:
     console.print(table)
 
 
+class StepClock:
+    """Elapsed time and ETA for plain progress lines (CI logs): the rate counts from the first step this process
+    logged, so loading, the first evaluation and a resume's skipped steps do not distort it."""
+
+    def __init__(self, now=time.monotonic) -> None:
+        self.now = now
+        self.first: tuple[int, float] | None = None
+
+    def tick(self, step: int, total: int) -> str:
+        now = self.now()
+        if self.first is None:
+            self.first = (step, now)
+            return ""
+        first_step, first_time = self.first
+        elapsed = now - first_time
+        if step <= first_step:
+            return ""
+        remaining = elapsed / (step - first_step) * (total - step)
+        return f"  elapsed {_clock(elapsed)}  eta {_clock(remaining)}"
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss, or m:ss under an hour."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class RichReporter:
     """Progress for people (a live bar on a terminal) and for CI logs (one line per logged step)."""
 
@@ -94,6 +123,7 @@ class RichReporter:
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
         self.task = None
+        self.clock = StepClock()
 
     def start(self, plan: dict) -> None:
         if not self.enabled:
@@ -107,7 +137,7 @@ class RichReporter:
             f"({plan['trainable_params'] / max(1, plan['total_params']):.3%}) in {where}; "
             f"{plan['train_examples']} train / {plan['validation_examples']} validation examples; "
             f"effective batch {plan['effective_batch_size']} = {plan['batch_size']} per device x "
-            f"{plan['accumulation']} accumulation x {plan['world_size']} process(es) ({plan['engine']}); "
+            f"{plan['accumulation']} accumulation x {_processes(plan)}; "
             f"{plan['total_steps']} steps on {plan['device']}, mixed precision {plan['precision']}"
         )
         shares = plan.get("padding_share")
@@ -159,7 +189,8 @@ class RichReporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=metrics["step"], info=info)
         else:
-            self.console.print(f"step {metrics['step']}/{metrics['total_steps']}  {info}", highlight=False)
+            timing = self.clock.tick(metrics["step"], metrics["total_steps"])
+            self.console.print(f"step {metrics['step']}/{metrics['total_steps']}  {info}{timing}", highlight=False)
 
     def evaluation(self, metrics: dict) -> None:
         if not self.enabled:
@@ -261,6 +292,14 @@ def _loss_line(summary: dict) -> str:
 def _maybe(value: float | None) -> str:
     """A metric that may be missing (a mean over no example), to three decimals."""
     return "-" if value is None else f"{value:.3f}"
+
+
+def _processes(plan: dict) -> str:
+    """`1 process` alone; several with the engine that joins them (DDP, DeepSpeed ZeRO-n, FSDP2)."""
+    world, engine = plan["world_size"], plan["engine"]
+    if world == 1:
+        return "1 process" + ("" if engine == "single process" else f" ({engine})")
+    return f"{world} processes ({engine})"
 
 
 def _train_rows(recipe: Recipe) -> list[tuple[str, str]]:

@@ -13,8 +13,8 @@ SET_HELP = "Override a recipe key, typed against the schema: --set training.max_
 
 
 def validate(
-    files: list[Path] = typer.Argument(..., help="Recipe files to check."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    files: list[Path] = typer.Argument(..., metavar="RECIPE", help="Recipe files to check."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Check recipe files; every problem of every file is reported, one line each."""
     from peftcli.recipe.load import load_recipe
@@ -32,7 +32,7 @@ def validate(
 
 def show(
     file: Path = typer.Argument(..., help="Recipe file."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
 ) -> None:
     """Print the resolved recipe: overrides applied, defaults filled in."""

@@ -12,7 +12,7 @@ from peftcli.cli.recipe import SET_HELP
 
 def targets(
     recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     full: bool = typer.Option(False, "--full", help="List every module name, not just counts per kind."),
 ) -> None:
     """Show the modules the recipe's method matches and the trainable parameters it would add."""

@@ -11,7 +11,7 @@ from peftcli.cli.recipe import SET_HELP
 
 def train(
     recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file."),
-    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; load and train nothing."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output.dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in output.dir."),

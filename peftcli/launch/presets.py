@@ -26,7 +26,10 @@ class Engine:
         """Whether a process holds only a slice of each parameter (ZeRO-3, FSDP)."""
         return self.kind == "fsdp" or self.zero_stage == 3
 
-    def describe(self) -> str:
+    def describe(self, world: int | None = None) -> str:
+        """The engine's name; `world=1` without DeepSpeed or FSDP is plain single-process training, not DDP."""
+        if self.kind == "ddp" and world == 1:
+            return "single process"
         if self.kind == "deepspeed":
             return f"DeepSpeed ZeRO-{self.zero_stage}" + (" with CPU offload" if self.offload else "")
         return "FSDP2" if self.kind == "fsdp" else "DDP"

@@ -89,13 +89,20 @@ def prompt_ids(example: dict) -> list[int]:
 
 @torch.no_grad()
 def generation_score(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pattern: str, batch_size: int = 8
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    pattern: str,
+    batch_size: int = 8,
+    on_batch=None,
 ):
     """Greedy answers to `prompts`, and the share of them in which `pattern` is found.
 
     Decoder-only models continue the left-padded prompts; encoder-decoder models read them with the encoder
     and answer from the decoder start token. Prompt methods (virtual tokens, prefixes) work through
-    `model.generate` too: their forward hooks add the prompt whenever the cache is empty.
+    `model.generate` too: their forward hooks add the prompt whenever the cache is empty. `on_batch(done, total)`
+    is called after each batch of prompts (scoring takes minutes on a CPU; the caller shows it moving).
     """
     was_training = model.training
     model.eval()
@@ -124,6 +131,8 @@ def generation_score(
         # An encoder-decoder's output is the decoder's sequence: its start token, then the answer.
         for row in output[:, 1:] if encoder_decoder else output[:, width:]:
             answers.append(tokenizer.decode(row, skip_special_tokens=True))
+        if on_batch is not None:
+            on_batch(len(answers), len(prompts))
     model.train(was_training)
     hits = sum(1 for a in answers if regex.search(a))
     return {"gen_score": hits / max(1, len(answers)), "gen_matches": hits, "gen_prompts": len(answers)}, answers

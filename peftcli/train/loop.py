@@ -476,7 +476,7 @@ def _facts(run: Run) -> dict:
         "batch_size": training.batch_size,
         "accumulation": training.gradient_accumulation,
         "world_size": run.world,
-        "engine": run.engine.describe(),
+        "engine": run.engine.describe(run.world),
         "train_examples": len(data.train),
         "validation_examples": 0 if data.validation is None else len(data.validation),
         "trainable_params": run.info.trainable_count(run.unwrapped),
@@ -748,9 +748,17 @@ class Evaluation:
         if not self.prompts:
             return
         if run.main or run.engine.shards_parameters:  # sharded weights: every process takes part in each forward
+            started = time.monotonic()
+
+            def scored(done: int, total: int) -> None:
+                if run.main and done < total:  # the last batch is reported with the score itself
+                    self.reporter.message(
+                        f"generation @ step {step}: {done}/{total} prompts answered ({time.monotonic() - started:.0f}s)"
+                    )
+
             with run.accelerator.autocast():
                 result, answers = generation_score(
-                    run.unwrapped, run.tokenizer, self.prompts, gen.max_new_tokens, gen.pattern
+                    run.unwrapped, run.tokenizer, self.prompts, gen.max_new_tokens, gen.pattern, on_batch=scored
                 )
         if run.main:
             result["step"] = step

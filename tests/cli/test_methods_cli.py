@@ -59,3 +59,18 @@ def test_unknown_method_is_a_one_line_error_with_a_suggestion():
     result = run_cli("methods", "lorra")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown method 'lorra' (did you mean 'lora'?); `peft methods` lists them"
+
+
+def test_methods_table_in_an_80_column_pipe_keeps_every_name_whole():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80"}  # what a CI log or `| less` reports
+    result = subprocess.run(
+        [sys.executable, "-m", "peftcli", "methods", "--no-share"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    first_words = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert set(all_tuners()) <= first_words
+    assert "…" not in result.stdout

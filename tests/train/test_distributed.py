@@ -78,13 +78,14 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
         result = _launch(recipe, preset, "--overwrite")
     assert _finished(out), result.stderr[-3000:]
     assert "launching through accelerate" in result.stderr
+    assert json.loads((one_process / "summary.json").read_text())["engine"] == "single process"  # not "DDP"
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == ENGINES[preset] and summary["world_size"] == WORLD
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4  # 2 prompts x 2 times, by one process
     assert summary["effective_batch_size"] == PER_DEVICE * ACCUMULATION * WORLD == 8
     printed = " ".join((result.stdout + result.stderr).split())
-    assert f"effective batch 8 = 2 per device x 2 accumulation x 2 process(es) ({ENGINES[preset]})" in printed
+    assert f"effective batch 8 = 2 per device x 2 accumulation x 2 processes ({ENGINES[preset]})" in printed
     if preset == "zero3":  # no process ever holds the whole base
         assert "loading the base model partitioned (zero.Init)" in printed
     # The one-process run tokenized the same data: both processes read its cache entry (the main one says so).
