@@ -25,8 +25,7 @@ def inspect(
 ) -> None:
     """Show examples as training gets them (trained tokens marked) and the split's statistics; loads the
     tokenizer and data only, no model weights."""
-    from rich.console import Console
-
+    from peftcli.cli.console import make_console
     from peftcli.recipe.load import load_recipe
 
     if split not in SPLITS:
@@ -40,7 +39,7 @@ def inspect(
 
         typer.echo(json.dumps(report_as_dict(report), indent=2))
         return
-    print_report(report, Console(highlight=False))
+    print_report(report, make_console())
 
 
 def build_report(recipe, split: str, count: int):

@@ -16,14 +16,13 @@ def prepare(
 ) -> None:
     """Tokenize the recipe's data into the tokenized-data cache, so that `peft train` (every process of a cluster
     job included) only reads it; says so when it is cached already. Loads the tokenizer and data, no model."""
-    from rich.console import Console
-
+    from peftcli.cli.console import make_console
     from peftcli.data.cache import tokenized_data
     from peftcli.models.load import load_tokenizer
     from peftcli.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_file, overrides)
-    console = Console(stderr=True, highlight=False)
+    console = make_console(stderr=True)
     tokenizer = load_tokenizer(recipe.model)
     with _progress(console) as progress:
         data, entry = tokenized_data(recipe, tokenizer, progress, must_write=True)

@@ -17,7 +17,6 @@ _REFERENCE_CONFIG = dict(
     max_position_embeddings=8192,
     tie_word_embeddings=True,
 )
-_PLAIN_WIDTH = 200
 _REFERENCE_STEPS = 1000  # for methods whose schedule depends on the training length
 
 
@@ -47,19 +46,15 @@ def methods(
     share: bool = typer.Option(True, "--share/--no-share", help="Measure the trainable share (needs torch)."),
 ) -> None:
     """List the fine-tuning methods and what each can do, or show one method's options."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from peftcli.cli.console import make_console
     from peftcli.errors import PeftCliError
     from peftcli.recipe.errors import suggest
     from peftcli.tuners.registry import all_tuners
 
-    # A pipe or a CI log reports 80 columns; a table squeezed to that cuts method names to "bottle…", so
-    # off a terminal the table takes the width it needs (terminals keep their own width).
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=_PLAIN_WIDTH)
+    console = make_console()
     tuners = all_tuners()
     if name is not None:
         if name not in tuners:

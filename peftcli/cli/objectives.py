@@ -7,15 +7,15 @@ import typer
 
 def objectives(name: str | None = typer.Argument(None, metavar="[NAME]", help="An objective to describe.")) -> None:
     """List the training objectives (what the loss is) and what each needs, or show one objective's options."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from peftcli.cli.console import make_console
     from peftcli.errors import PeftCliError
     from peftcli.objectives.registry import all_objectives
     from peftcli.recipe.errors import suggest
 
-    console = Console(highlight=False)
+    console = make_console()
     found = all_objectives()
     if name is not None and name not in found:
         raise PeftCliError(f"unknown objective {name!r}{suggest(name, list(found))}; `peft objectives` lists them")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from peftcli.cli.console import make_console
 from peftcli.recipe.schema import DataSource, Recipe, SplitValidation
 
 
@@ -19,7 +19,7 @@ def _is_main_process() -> bool:
 
 def print_plan(recipe: Recipe, mode: str, adapted: str | None = None) -> None:
     """The dry-run plan: what would be loaded, trained and written (`adapted`: what the method matched)."""
-    console = Console()
+    console = make_console()
     t = recipe.training
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row(
@@ -118,7 +118,7 @@ class RichReporter:
     """Progress for people (a live bar on a terminal) and for CI logs (one line per logged step)."""
 
     def __init__(self) -> None:
-        self.console = Console(stderr=True)
+        self.console = make_console(stderr=True)
         self.enabled = _is_main_process()
         self.live = self.console.is_terminal
         self.progress: Progress | None = None

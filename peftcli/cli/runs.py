@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 
 runs_app = typer.Typer(help="Look at runs: their curves overlaid, their summaries side by side.", no_args_is_help=True)
-_PLAIN_WIDTH = 200  # off a terminal, the table takes the width it needs instead of 80 columns
 
 
 @runs_app.command("plot")
@@ -47,9 +46,9 @@ def compare(
 ) -> None:
     """A table of the runs' summaries: method, steps, losses, accuracy, time and peak memory."""
     from rich.box import SIMPLE_HEAD
-    from rich.console import Console
     from rich.table import Table
 
+    from peftcli.cli.console import make_console
     from peftcli.train.curves import read_run
     from peftcli.train.run_compare import compare_row
 
@@ -57,9 +56,7 @@ def compare(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=_PLAIN_WIDTH)
+    console = make_console()
     columns = ("run", "method", "objective", "steps", "trainable", "train loss", "eval loss")
     # On a terminal, a ruled header; in a pipe, plain columns aligned with spaces (easy to grep and diff).
     table = Table(*columns, "accuracy", "time", "peak memory", box=SIMPLE_HEAD if console.is_terminal else None)

@@ -16,15 +16,15 @@ def targets(
     full: bool = typer.Option(False, "--full", help="List every module name, not just counts per kind."),
 ) -> None:
     """Show the modules the recipe's method matches and the trainable parameters it would add."""
-    from rich.console import Console
     from rich.table import Table
 
+    from peftcli.cli.console import make_console
     from peftcli.models.experts import experts_left_out
     from peftcli.recipe.load import load_recipe
 
     recipe = load_recipe(recipe_file, overrides)
     model, info = adapt_empty_model(recipe)
-    console = Console()
+    console = make_console()
     table = Table("module", "matched", box=None)
     adapted = [*info.targeted, *info.targeted_parameters]
     if full:

@@ -22,3 +22,13 @@ def test_one_process_is_not_called_ddp():
     assert _processes({"world_size": 1, "engine": "single process"}) == "1 process"
     assert _processes({"world_size": 1, "engine": "DeepSpeed ZeRO-3"}) == "1 process (DeepSpeed ZeRO-3)"
     assert _processes({"world_size": 2, "engine": "DDP"}) == "2 processes (DDP)"
+
+
+def test_a_long_line_stays_one_line_in_a_pipe(capsys):
+    from peftcli.cli.progress import RichReporter
+
+    reporter = RichReporter()  # capsys: stderr is not a terminal, as in a CI log
+    text = "tokenizing " + "/data/some/long/path/" * 8 + "train.jsonl: 1,219 examples"
+    assert len(text) > 120
+    reporter.message(text)
+    assert capsys.readouterr().err == text + "\n"
