@@ -15,7 +15,9 @@ def evaluate(
     run: Path = typer.Argument(..., metavar="RUN", help=RUN_HELP),
     data: str | None = typer.Option(None, "--data", help="Score this file instead of the run's validation data."),
     fmt: str | None = typer.Option(None, "--format", help="The --data file's format [default: the run's]."),
-    columns: list[str] = typer.Option([], "--columns", help="FIELD=COLUMN for the --data file (repeatable)."),
+    columns: list[str] = typer.Option(
+        [], "--columns", metavar="FIELD=COLUMN", help="FIELD=COLUMN for the --data file (repeatable)."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="[default: the run's batch size]"),
     max_samples: int | None = typer.Option(None, "--max-samples", min=1, help="Score only the first N examples."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as one JSON object."),

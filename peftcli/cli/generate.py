@@ -15,7 +15,7 @@ TEMPERATURE_HELP = "0 answers greedily; more samples (with --top-p)."
 
 def generate(
     run: Path = typer.Argument(..., metavar="RUN", help=RUN_HELP),
-    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt to answer (repeatable)."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", metavar="TEXT", help="A prompt to answer (repeatable)."),
     input_file: Path | None = typer.Option(None, "--input", "-i", help='A jsonl file of {"prompt": ...} records.'),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the answers here [default: stdout]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
