@@ -45,7 +45,8 @@ def model_card(adapter_dir: Path, method: str, raw_config: dict) -> str:
     data = recipe.get("data") or {}
     train = data.get("train") or {}
     sources = train if isinstance(train, list) else [train]  # a mixed run lists each source
-    front = {"base_model": base, "library_name": "peft", "tags": ["peftcli", method, spec.peft_type.lower()]}
+    tags = list(dict.fromkeys(["peftcli", method, spec.peft_type.lower()]))  # lora's method and type coincide
+    front = {"base_model": base, "library_name": "peft", "tags": tags}
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from peftcli.examples.tiny import write_tiny_model
@@ -50,6 +51,8 @@ def test_export_peft_writes_the_adapter_and_a_model_card(trained_run, tmp_path):
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "library_name: peft" in card and "validation loss:" in card
     assert "copy.jsonl" in card  # the training data is named
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["tags"] == ["peftcli", "lora"]  # the method and its PEFT type are both lora: one tag
     ours = load_file(str(trained_run / "adapter_model.safetensors"))
     assert ours.keys() == load_file(str(out / "adapter_model.safetensors")).keys()
     config = json.loads((out / "adapter_config.json").read_text())
