@@ -20,7 +20,7 @@ from peftcli.errors import AdapterError
 from peftcli.models.heads import TASK_HEAD_NAMES, task_head_names
 from peftcli.models.quantized_layers import is_quantized, quantized_kind, quantized_layer_names
 from peftcli.tuners.hf_format import CONFIG_NAME, HF_KEY_PREFIX, HF_TASK_TYPES, TASKS_BY_HF_TYPE, WEIGHTS_NAME
-from peftcli.tuners.inject import freeze, is_base_parameter, unfreeze_modules_to_save
+from peftcli.tuners.inject import freeze, is_base_parameter, unfreeze_modules_to_save, unwrapped_name
 from peftcli.tuners.protocol import AdapterContext, AppliedMethod, MethodImplementation
 from peftcli.tuners.registry import get_tuner, load_implementation, tuner_for_peft_type
 
@@ -143,6 +143,7 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
     config.update(info.implementation.config_updates(model, info.params))
     if info.head_modules:
         config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(info.head_modules))
+    _compact_module_lists(model, config, info.targeted)
     if "fan_in_fan_out" in config and any(_stored_transposed(model, name) for name in info.targeted):
         config["fan_in_fan_out"] = True  # Conv1D layers (GPT-2); HF PEFT would otherwise warn and set it
     config.update(
@@ -156,6 +157,26 @@ def hf_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> 
         }
     )
     return dict(sorted(config.items()))
+
+
+def _compact_module_lists(model: nn.Module, config: dict, targeted: list[str]) -> None:
+    """target_modules (and IA3's feedforward_modules) as layer-name suffixes where those select exactly the same
+    modules: seven names instead of one path per layer (560 on a 70B model). HF PEFT and our loader both match a
+    list entry against whole dotted-name suffixes. Left as full paths when suffixes would select more (a subset of
+    layers, say); IA3's lists are compacted together or not at all, as HF PEFT wants one inside the other."""
+    inside = tuple(name + "." for name in targeted)  # an adapter's own submodules live inside what it wraps
+    every = {unwrapped_name(name) for name, _ in model.named_modules() if name}
+    every = {name for name in every if not name.startswith(inside)}
+    keys = [key for key in ("target_modules", "feedforward_modules") if isinstance(config.get(key), list)]
+    compact = {key: _suffixes_selecting(every, config[key]) for key in keys}
+    if all(compact[key] is not None for key in keys):
+        config.update(compact)
+
+
+def _suffixes_selecting(every: set[str], names: list[str]) -> list[str] | None:
+    suffixes = {name.rsplit(".", 1)[-1] for name in names}
+    selected = {name for name in every if name.rsplit(".", 1)[-1] in suffixes}
+    return sorted(suffixes) if selected == set(names) else None
 
 
 def _stored_transposed(model: nn.Module, name: str) -> bool:

@@ -251,7 +251,8 @@ def test_save_and_load(load_base, input_ids, tmp_path):
     save_adapter(model, tmp_path, base_model_name_or_path="tiny")
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "PEFTCLI_BOTTLENECK"
-    assert config["target_modules"] == sorted(info.targeted)  # resolved, not re-derived from the table on load
+    # resolved (not re-derived from the table on load) and written as the suffixes that select exactly those
+    assert config["target_modules"] == ["down_proj", "o_proj"] and len(info.targeted) == 4
     assert (config["placement"], config["reduction_factor"], config["activation"]) == ("houlsby", 8, "tanh")
     assert set(load_file(str(tmp_path / WEIGHTS_NAME))) == {"base_model.model." + n for n in info.param_names}
 

@@ -104,7 +104,29 @@ def test_saved_config_is_read_by_hf_peft(load_base, tiny_model_dir, tmp_path):
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (4, 16, 0.1, True)
     assert config.task_type == "CAUSAL_LM"
     assert config.base_model_name_or_path == str(tiny_model_dir)
-    assert sorted(config.target_modules) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert config.target_modules == {"q_proj"}  # one suffix selects the q_proj of every layer
+
+
+def test_saved_targets_are_suffixes_only_where_they_select_the_same_modules(load_base, tiny_model_dir, tmp_path):
+    """all-linear is written as the layer suffixes (not a path per layer) and HF PEFT wraps exactly what we
+    wrapped; a choice that suffixes cannot express (one layer's q_proj) keeps its full path."""
+    from peft import PeftModel
+
+    model = load_base()
+    info = apply_adapter(model, LoraParams(r=4, target_modules="all-linear"))
+    save_adapter(model, tmp_path / "all", base_model_name_or_path=str(tiny_model_dir))
+    config = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    suffixes = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert config["target_modules"] == suffixes and len(info.targeted) == 7 * 2
+    hf = PeftModel.from_pretrained(load_base(), tmp_path / "all")
+    wrapped = {name.removeprefix("base_model.model.") for name, m in hf.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == set(info.targeted)
+
+    model = load_base()
+    apply_adapter(model, LoraParams(r=4, target_modules=["layers.0.self_attn.q_proj"]))
+    save_adapter(model, tmp_path / "one", base_model_name_or_path=str(tiny_model_dir))
+    config = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
 
 
 # --- HF PEFT -> ours ----------------------------------------------------------------------------------------------

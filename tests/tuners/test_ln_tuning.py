@@ -231,7 +231,10 @@ def test_save_load_round_trip(load_base, input_ids, tiny_model_dir, tmp_path):
     save_adapter(model, tmp_path / "a", str(tiny_model_dir))
     assert set(load_file(str(tmp_path / "a" / WEIGHTS_NAME))) == {f"base_model.model.{n}" for n in info.param_names}
     config = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
-    assert config["peft_type"] == "LN_TUNING" and config["target_modules"] == LLAMA_NORMS[:4]
+    assert config["peft_type"] == "LN_TUNING" and config["target_modules"] == [
+        "input_layernorm",
+        "post_attention_layernorm",
+    ]
     fresh = load_base()
     assert load_adapter(fresh, tmp_path / "a").targeted == info.targeted
     assert torch.equal(logits(fresh, input_ids=input_ids), expected)

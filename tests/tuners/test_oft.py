@@ -185,7 +185,7 @@ def test_saved_config_is_hf_peft_oft_config(load_base, tmp_path):
     config = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(config, OFTConfig)
     assert (config.r, config.oft_block_size, config.use_cayley_neumann) == (4, 0, False)
-    assert sorted(config.target_modules) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert config.target_modules == {"q_proj"}  # one suffix selects the q_proj of every layer
     # A peft_version >= 0.18 tells HF PEFT the Cayley-Neumann series is the current one (no warning on load).
     assert json.loads((tmp_path / CONFIG_NAME).read_text())["peft_version"] >= "0.18"
 
