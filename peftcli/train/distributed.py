@@ -36,6 +36,7 @@ def engine_options(training, whole_base: bool = False) -> dict:
         # CPU processes talk over gloo; DeepSpeed would otherwise pick a backend the CPU build lacks
         options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _silence_deepspeed_collective_deprecations()
         # DeepSpeed runs accumulation and clipping inside its engine: it must hear the recipe's values.
         steps = training.gradient_accumulation
         # ZeRO-3 builds the base partitioned (zero.Init), so no process ever holds all of it, unless the
@@ -49,6 +50,18 @@ def engine_options(training, whole_base: bool = False) -> dict:
             num_steps=steps, sync_with_dataloader=False
         )
     return options
+
+
+def _silence_deepspeed_collective_deprecations() -> None:
+    """ZeRO-3 calls torch collectives that torch has deprecated; torch then warns from every process. The call is
+    DeepSpeed's, nothing a user can act on, so the run's output leaves it out."""
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
 
 
 def unwrap_model(accelerator, model):
