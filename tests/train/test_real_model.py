@@ -87,7 +87,11 @@ def test_train_on_a_gguf_base(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((Path(out) / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(gguf)
-    assert len(config["target_modules"]) == 60  # 30 layers x (q_proj, v_proj)
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(out) / "adapter_model.safetensors"))
+    assert len(weights) == 2 * 60  # lora_A and lora_B of 30 layers x (q_proj, v_proj)
 
 
 def test_qlora_quickstart_trains_on_the_4bit_real_model(tmp_path):
