@@ -170,3 +170,129 @@ def test_axolotl_fsdp_qlora(staged):
     assert recipe.model.quantization.storage_dtype == "bf16" and recipe.training.precision == "bf16"
     assert "fsdp2" in unmapped["fsdp"] and "fsdp2" in unmapped["fsdp_config"]
     assert recipe.training.warmup_steps == 10 and recipe.data.packing is False
+
+
+def test_llama_factory_lora_sft(staged):
+    result, recipe, unmapped = imported(staged, "llama-factory", "llama3_lora_sft.yaml")
+    identity, demo = recipe.data.train
+    assert identity.path.endswith("data/identity.json") and demo.path.endswith("data/alpaca_en_demo.json")
+    assert identity.format == demo.format == "alpaca" and identity.max_samples == 1000
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.target_modules) == (8, 16, 0.0, "all-linear")
+    assert recipe.model.trust_remote_code is True
+    assert (recipe.data.max_length, recipe.data.mask_prompt, recipe.data.packing) == (2048, True, False)
+    assert recipe.data.validation.fraction == 0.1
+    training = recipe.training
+    assert (training.batch_size, training.gradient_accumulation, training.learning_rate) == (1, 8, 1e-4)
+    assert (training.epochs, training.schedule, training.warmup_ratio, training.precision) == (
+        3.0,
+        "cosine",
+        0.1,
+        "bf16",
+    )
+    assert (training.eval_every, training.save_every, training.log_every) == (500, 500, 10)
+    assert training.activation_checkpointing is True  # LLaMA-Factory checkpoints unless disabled
+    assert recipe.output.dir == "saves/llama3-8b/lora/sft"
+    assert "tokenizer's own chat template" in unmapped["template"]
+    for key in ("overwrite_cache", "plot_loss", "overwrite_output_dir", "ddp_timeout", "do_train"):
+        assert unmapped[key].startswith("no effect in peftcli:"), key
+    assert "empty" in unmapped["resume_from_checkpoint"]
+    assert ("method.alpha", 16) in [(k, v) for k, v, _ in result.defaults]
+
+
+def test_llama_factory_qlora_datasets(staged):
+    result, recipe, unmapped = imported(staged, "llama-factory", "llama3_qlora_sft.yaml")
+    quant = recipe.model.quantization
+    assert (quant.bits, quant.quant_type, quant.double_quant) == (4, "nf4", False)
+    chat, hub = recipe.data.train  # chat_openai, then alpaca_en from the hub; glaive (from/value) left out
+    assert (chat.format, chat.columns) == ("chat", {})
+    assert (hub.path, hub.format) == ("llamafactory/alpaca_en", "alpaca")
+    assert "hub dataset" in unmapped["dataset[2]"]
+    assert "from" in unmapped["dataset[1]"] and "convert" in unmapped["dataset[1]"]
+    assert (recipe.method.r, recipe.method.alpha, recipe.method.target_modules) == (8, 16, ["q_proj", "v_proj"])
+    assert recipe.data.mask_prompt is False  # train_on_prompt: true
+    assert recipe.model.attn_implementation == "flash_attention_2"
+    assert recipe.training.precision == "fp32"  # HF's default: neither bf16 nor fp16
+    assert recipe.training.save_every == 500  # HF saves every 500 steps unless told otherwise
+    assert ("training.precision", "fp32") in [(k, v) for k, v, _ in result.defaults]
+
+
+def test_llama_factory_deepspeed_eval_dataset(staged):
+    _, recipe, unmapped = imported(staged, "llama-factory", "llama3_lora_sft_ds3.yaml")
+    assert recipe.launch.preset == "zero3" and "ZeRO stage 3" in unmapped["deepspeed"]
+    assert recipe.data.validation.path.endswith("alpaca_en_demo.json")
+    assert recipe.data.packing is True and recipe.data.max_length == 1024
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.dora) == (16, 16, 0.05, False)
+    assert method.modules_to_save == ["embed_tokens"]
+    training = recipe.training
+    assert (training.max_steps, training.schedule, training.warmup_steps, training.precision) == (
+        300,
+        "constant",
+        20,
+        "fp16",
+    )
+    assert (training.eval_every, training.save_every, training.keep_checkpoints) == (50, 200, 2)
+    assert training.report_to == ["wandb"] and training.tracking.run_name == "llama3-ds3"
+
+
+def test_refused_launch_preset_is_left_out_and_listed(staged):
+    config = staged("llama-factory", "llama3_lora_sft_ds3.yaml")
+    config.write_text(config.read_text(encoding="utf-8") + "use_dora: true\n", encoding="utf-8")
+    result = import_config(config)
+    assert "launch" not in result.recipe and result.recipe["method"]["dora"] is True
+    reason = {item.key: item.reason for item in result.unmapped}["deepspeed"]
+    assert reason.startswith("left out: launch.preset zero3 is refused") and "DoRA" in reason
+
+
+def test_trl_sft_lora(staged):
+    result, recipe, unmapped = imported(staged, "hf", "trl_sft_lora.yaml")
+    assert (recipe.data.train.format, recipe.data.train.columns) == ("chat", {})
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.target_modules) == (32, 16, 0.05, "all-linear")
+    quant = recipe.model.quantization
+    assert (quant.bits, quant.double_quant) == (4, False)  # TRL ModelConfig: no nested quantization by default
+    assert (recipe.model.dtype, recipe.model.attn_implementation) == ("bf16", "sdpa")
+    assert (recipe.data.packing, recipe.data.max_length) == (True, 2048)
+    assert recipe.data.mask_prompt is False  # TRL trains on whole conversations unless assistant_only_loss
+    training = recipe.training
+    assert (training.learning_rate, training.schedule, training.warmup_ratio, training.epochs) == (
+        2e-4,
+        "cosine",
+        0.03,
+        1.0,
+    )
+    assert (training.batch_size, training.gradient_accumulation, training.log_every) == (2, 8, 25)
+    assert training.precision == "bf16"  # TRL's default when fp16 is not set
+    assert "eos_token" in unmapped
+    assert ("data.mask_prompt", False) in [(k, v) for k, v, _ in result.defaults]
+
+
+def test_trl_full_on_hub_dataset(staged):
+    _, recipe, unmapped = imported(staged, "hf", "trl_sft_full.yaml")
+    assert recipe.method.name == "full"
+    assert recipe.data.train.path == "trl-lib/Capybara" and "hub dataset" in unmapped["dataset_name"]
+    assert "format could not be read" in unmapped["dataset_name (format)"]
+    assert recipe.data.mask_prompt is True  # assistant_only_loss: true
+    assert (recipe.training.learning_rate, recipe.data.max_length) == (2e-5, 1024)  # TRL SFTConfig defaults
+    assert recipe.training.activation_checkpointing is True
+    assert (recipe.training.seed, recipe.training.epochs) == (7, 2.0)
+    assert unmapped["push_to_hub"].startswith("no effect in peftcli:")
+
+
+def test_trainer_arguments_json(staged):
+    result, recipe, unmapped = imported(staged, "hf", "trainer_args.json")
+    assert recipe.method.name == "full"  # no use_peft: the Trainer trains every weight
+    assert recipe.data.train.format == "prompt_completion"
+    assert recipe.data.validation.path.endswith("pc_eval.jsonl")
+    training = recipe.training
+    assert (training.epochs, training.batch_size, training.learning_rate) == (3.0, 16, 3e-5)  # epochs: HF default
+    assert (training.weight_decay, training.betas, training.warmup_steps) == (0.1, (0.9, 0.95), 100)
+    assert training.schedule == "cosine" and "cosine_with_restarts" in unmapped["lr_scheduler_type"]
+    assert (training.eval_every, training.save_every, training.keep_checkpoints) == (200, 500, 5)
+    assert (training.seed, training.precision, training.report_to) == (1234, "fp16", ["tensorboard"])
+    assert "clearml" in unmapped["report_to"] and unmapped["adam_epsilon"].startswith("no effect in peftcli:")
+    assert recipe.launch.preset == "zero3_offload" and "name" in unmapped["deepspeed"]
+    assert recipe.data.group_by_length is True and training.activation_checkpointing is False
+    assert unmapped["logging_dir"].startswith("no effect in peftcli:")
+    assert ("training.epochs", 3.0) in [(k, v) for k, v, _ in result.defaults]
