@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from peftcli.examples.tiny import copy_task, write_jsonl
 from peftcli.recipe.importers import import_config, render
 from peftcli.recipe.load import load_recipe
+
+from support import run_cli
 
 FIXTURES = Path(__file__).parent / "import_fixtures"
 CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
@@ -296,3 +299,118 @@ def test_trainer_arguments_json(staged):
     assert recipe.data.group_by_length is True and training.activation_checkpointing is False
     assert unmapped["logging_dir"].startswith("no effect in peftcli:")
     assert ("training.epochs", 3.0) in [(k, v) for k, v, _ in result.defaults]
+
+
+# --- through the command line ------------------------------------------------------------------------------------
+
+
+def test_cli_prints_unmapped_keys_and_writes_them_as_comments(staged, tmp_path):
+    config = staged("axolotl", "llama3-qlora.yml")
+    proc = run_cli("recipe", "import", str(config))
+    assert proc.returncode == 0, proc.stderr
+    out = config.with_name("llama3-qlora.peftcli.yaml")
+    assert f"wrote {out}" in proc.stdout
+    assert "special_tokens: peftcli uses the tokenizer's own special tokens" in proc.stdout
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("# Imported by `peft recipe import` from axolotl config")
+    assert "#   special_tokens: peftcli uses" in text
+    assert run_cli("recipe", "validate", str(out)).returncode == 0
+
+
+def test_cli_refuses_to_overwrite(staged, tmp_path):
+    config = staged("hf", "trl_sft_lora.yaml")
+    target = tmp_path / "recipe.yaml"
+    target.write_text("keep me\n", encoding="utf-8")
+    proc = run_cli("recipe", "import", str(config), "-o", str(target))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--overwrite" in proc.stderr
+    assert target.read_text(encoding="utf-8") == "keep me\n"
+    proc = run_cli("recipe", "import", str(config), "-o", str(target), "--overwrite", "--from", "hf")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(target.read_text(encoding="utf-8"))["method"]["name"] == "lora"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("foo: 1\nbar: [1, 2]\n", "pass --from"),
+        ("base_model: [unclosed\n", "invalid YAML"),
+        ("- a\n- b\n", "mapping"),
+        ("", "empty"),
+    ],
+)
+def test_cli_refuses_unreadable_or_unknown_configs(tmp_path, text, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(text, encoding="utf-8")
+    proc = run_cli("recipe", "import", str(config))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(config) in lines[0] and expected in lines[0], proc.stderr
+    assert not (tmp_path / "config.peftcli.yaml").exists()
+
+
+def test_cli_refuses_unknown_tool_name(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("base_model: x\n", encoding="utf-8")
+    proc = run_cli("recipe", "import", str(config), "--from", "unsloth")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "axolotl, llama-factory, hf" in proc.stderr
+
+
+def test_missing_local_data_file_is_an_error(tmp_path):
+    config = tmp_path / "axolotl.yml"
+    config.write_text(
+        "base_model: m\nadapter: lora\nmicro_batch_size: 1\ndatasets:\n  - path: ./nowhere.jsonl\n    type: alpaca\n",
+        encoding="utf-8",
+    )
+    proc = run_cli("recipe", "import", str(config))
+    assert proc.returncode == 2 and "nowhere.jsonl" in proc.stderr and "not found" in proc.stderr
+
+
+# --- an imported Axolotl config trains as it comes out -----------------------------------------------------------
+
+
+def test_imported_axolotl_lora_trains(tmp_path, tiny_model_dir):
+    rows = [{"instruction": r["prompt"], "input": "", "output": r["completion"]} for r in copy_task(24)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = tmp_path / "axolotl.yml"
+    config.write_text(
+        f"""
+base_model: {tiny_model_dir}
+tokenizer_type: AutoTokenizer
+strict: false
+datasets:
+  - path: {data}
+    type: alpaca
+val_set_size: 0.1
+output_dir: {tmp_path / "run"}
+adapter: lora
+lora_r: 4
+lora_alpha: 8
+lora_dropout: 0.05
+lora_target_linear: true
+sequence_len: 64
+sample_packing: false
+micro_batch_size: 4
+gradient_accumulation_steps: 1
+max_steps: 3
+optimizer: adamw_torch
+lr_scheduler: cosine
+learning_rate: 0.001
+warmup_steps: 1
+bf16: false
+logging_steps: 1
+save_safetensors: true
+""",
+        encoding="utf-8",
+    )
+    recipe = tmp_path / "recipe.yaml"
+    proc = run_cli("recipe", "import", str(config), "-o", str(recipe))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("train", str(recipe), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "adapter_model.safetensors").is_file()
+    config_json = json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))
+    assert (config_json["r"], config_json["lora_alpha"]) == (4, 8)
