@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -348,6 +349,36 @@ def test_cli_refuses_unreadable_or_unknown_configs(tmp_path, text, expected):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(config) in lines[0] and expected in lines[0], proc.stderr
     assert not (tmp_path / "config.peftcli.yaml").exists()
+
+
+def test_detection_prefers_the_tool_whose_own_keys_appear(tmp_path):
+    config = tmp_path / "lf.yaml"
+    # mostly HF TrainingArguments keys, but finetuning_type and template are LLaMA-Factory's alone
+    config.write_text(
+        "model_name_or_path: m\nfinetuning_type: lora\ntemplate: llama3\nper_device_train_batch_size: 2\n"
+        "num_train_epochs: 1\nlr_scheduler_type: cosine\noutput_dir: out\nlogging_steps: 5\noptim: adamw_torch\n",
+        encoding="utf-8",
+    )
+    proc = run_cli("recipe", "import", str(config))
+    assert proc.returncode == 2 and "no training data" in proc.stderr  # read as LLaMA-Factory: no dataset given
+    proc = run_cli("recipe", "import", str(config), "--from", "hf")
+    assert proc.returncode == 2 and "no training data" in proc.stderr
+
+
+def test_preference_configs_are_refused(tmp_path):
+    config = tmp_path / "dpo.yml"
+    config.write_text("base_model: m\nrl: dpo\nadapter: lora\nmicro_batch_size: 1\n", encoding="utf-8")
+    proc = run_cli("recipe", "import", str(config))
+    assert proc.returncode == 2 and "dpo" in proc.stderr and "supervised" in proc.stderr
+
+
+def test_written_recipe_has_an_ordinary_file_mode(staged):
+    config = staged("hf", "trl_sft_lora.yaml")
+    assert run_cli("recipe", "import", str(config)).returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = config.with_name("trl_sft_lora.peftcli.yaml").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask  # as any file the user writes, not mkstemp's private 0600
 
 
 def test_cli_refuses_unknown_tool_name(tmp_path):

@@ -65,6 +65,9 @@ def write_atomic(path: Path, text: str, overwrite: bool) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp's file is private; a recipe gets an ordinary file's mode
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

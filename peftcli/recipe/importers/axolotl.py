@@ -133,6 +133,9 @@ def detect_score(data: dict) -> int:
 def convert(path: Path, data: dict) -> ImportResult:
     """Convert an Axolotl config mapping into a recipe mapping."""
     conv = Converter(TOOL, path, data)
+    if conv.has("rl") or conv.has("reward_model") or conv.has("process_reward_model"):
+        kind = data.get("rl") or "reward model"
+        raise ConfigImportError(f"{path}: {kind} training: only supervised fine-tuning configs are imported")
     _model(conv)
     _method(conv)
     _data(conv)

@@ -71,6 +71,8 @@ def detect_score(data: dict) -> int:
         "optim",
         *TRL_KEYS,
     )
+    if any(key in data for key in ("finetuning_type", "stage", "template", "base_model")):
+        return 0  # LLaMA-Factory and Axolotl configs carry HF keys too; these keys are theirs alone
     return sum(key in data for key in marks)
 
 
