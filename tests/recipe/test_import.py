@@ -249,6 +249,22 @@ def test_refused_launch_preset_is_left_out_and_listed(staged):
     assert reason.startswith("left out: launch.preset zero3 is refused") and "DoRA" in reason
 
 
+@pytest.mark.parametrize("schedule_key, extra", [("lr_scheduler", ""), ("lr_scheduler_type", "use_peft: true\n")])
+def test_constant_schedule_has_no_warmup(tmp_path, schedule_key, extra):
+    data = write_jsonl(tmp_path / "pc.jsonl", copy_task(2))
+    config = tmp_path / "config.yaml"
+    if schedule_key == "lr_scheduler":  # Axolotl: also its implicit warm-up goes
+        text = f"base_model: m\nadapter: lora\ndatasets:\n  - path: {data}\n    type: completion\n"
+    else:
+        text = f"model_name_or_path: m\ndataset_name: {data}\nwarmup_steps: 10\n{extra}"
+    config.write_text(text + f"{schedule_key}: constant\n", encoding="utf-8")
+    result = import_config(config)
+    training = result.recipe["training"]
+    assert training["schedule"] == "constant" and "warmup_steps" not in training and "warmup_ratio" not in training
+    reasons = [item.reason for item in result.unmapped if item.key == "warmup_steps"]
+    assert len(reasons) == 1 and "ignores warm-up" in reasons[0]
+
+
 def test_trl_sft_lora(staged):
     result, recipe, unmapped = imported(staged, "hf", "trl_sft_lora.yaml")
     assert (recipe.data.train.format, recipe.data.train.columns) == ("chat", {})

@@ -11,6 +11,7 @@ from pathlib import Path
 from peftcli.recipe.importers.common import (
     Converter,
     chat_columns,
+    constant_means_no_warmup,
     finish_sources,
     make_source,
     map_steps,
@@ -400,6 +401,7 @@ def _training(conv: Converter) -> None:
             "unset: Axolotl warms up for min(3% of the steps, 100); written as warmup_ratio "
             "0.03, which has no 100-step cap",
         )
+    constant_means_no_warmup(conv, "lr_scheduler")
     conv.copy("weight_decay", "training.weight_decay", WEIGHT_DECAY, "Axolotl's weight_decay default", convert=float)
     conv.copy(
         "max_grad_norm", "training.max_grad_norm", MAX_GRAD_NORM, "HF TrainingArguments' max_grad_norm", convert=float

@@ -26,8 +26,7 @@ OPTIMIZERS = {
     "paged_adamw_32bit": "paged_adamw",
     "paged_adamw": "paged_adamw",
 }
-# HF `lr_scheduler_type` names -> training.schedule. HF's `constant` has no warm-up while peftcli's warms up
-# when asked; the importers only set a warm-up the source had, so the two agree.
+# HF `lr_scheduler_type` names -> training.schedule (HF's `constant` ignores warm-up: see constant_means_no_warmup).
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
@@ -346,3 +345,17 @@ def map_steps(conv: Converter, key: str, dotted: str) -> None:
         conv.put(dotted, int(value))
     else:
         conv.note(key, f"{value}: a fraction of the run; peftcli counts {dotted} in optimizer steps, set it by hand")
+
+
+def constant_means_no_warmup(conv: Converter, schedule_key: str) -> None:
+    """HF's `constant` schedule ignores the warm-up settings, where peftcli's would warm up: drop them."""
+    keys = ("warmup_steps", "warmup_ratio")
+    dropped = [key for key in keys if conv.get(f"training.{key}")]
+    if conv.data.get(schedule_key) != "constant" or not dropped:
+        return
+    for key in dropped:
+        del conv.recipe["training"][key]
+    conv.defaults = [d for d in conv.defaults if d[0] not in {f"training.{key}" for key in keys}]
+    conv.unmapped = [u for u in conv.unmapped if u.key not in keys]
+    for key in [key for key in keys if conv.has(key)] or ["warmup_steps"]:
+        conv.note(key, "left out: HF's constant schedule ignores warm-up, so the source run has none")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peftcli.recipe.importers.common import Converter, map_steps
+from peftcli.recipe.importers.common import Converter, constant_means_no_warmup, map_steps
 
 # transformers TrainingArguments: learning_rate 5e-5, num_train_epochs 3.0, per_device_train_batch_size 8,
 # gradient_accumulation_steps 1, lr_scheduler_type "linear", weight_decay 0.0, max_grad_norm 1.0, seed 42,
@@ -109,6 +109,7 @@ def map_training_arguments(conv: Converter, tool_name: str, defaults: dict[str, 
         conv.put("training.warmup_steps", int(steps))
     elif ratio:
         conv.put("training.warmup_ratio", float(ratio))
+    constant_means_no_warmup(conv, "lr_scheduler_type")
     conv.copy("weight_decay", "training.weight_decay", defaults["weight_decay"], why("weight_decay"), convert=float)
     conv.copy("max_grad_norm", "training.max_grad_norm", defaults["max_grad_norm"], why("max_grad_norm"), convert=float)
     conv.copy("seed", "training.seed", defaults["seed"], why("seed"))
