@@ -102,7 +102,7 @@ def test_axolotl_llama3_qlora(staged):
     first, hub = recipe.data.train
     assert first.path.endswith("configs/data/alpaca.jsonl") and Path(first.path).is_absolute()
     assert (first.format, hub.path) == ("alpaca", "teknium/GPT4-LLM-Cleaned")
-    assert recipe.data.validation.fraction == 0.1
+    assert recipe.data.validation.fraction == 0.1 and recipe.training.eval_at_start is False
     assert (recipe.data.max_length, recipe.data.packing, recipe.data.mask_prompt) == (2048, True, True)
     training = recipe.training
     assert (training.epochs, training.batch_size, training.gradient_accumulation) == (1.0, 2, 4)
@@ -195,6 +195,7 @@ def test_llama_factory_lora_sft(staged):
         "bf16",
     )
     assert (training.eval_every, training.save_every, training.log_every) == (500, 500, 10)
+    assert training.eval_at_start is False  # HF's eval_on_start default
     assert training.activation_checkpointing is True  # LLaMA-Factory checkpoints unless disabled
     assert recipe.output.dir == "saves/llama3-8b/lora/sft"
     assert "tokenizer's own chat template" in unmapped["template"]

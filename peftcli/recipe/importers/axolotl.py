@@ -436,6 +436,8 @@ def _training(conv: Converter) -> None:
     map_steps(conv, "logging_steps", "training.log_every")
     if conv.get("data.validation"):
         map_steps(conv, "eval_steps", "training.eval_every")
+        conv.put("training.eval_at_start", False)  # the HF Trainer Axolotl runs does not evaluate before step 1
+        conv.defaults.append(("training.eval_at_start", False, "HF Trainer's eval_on_start default"))
     elif conv.has("eval_steps"):
         conv.note("eval_steps", "no validation data (val_set_size or test_datasets), so nothing to evaluate")
     map_steps(conv, "save_steps", "training.save_every")

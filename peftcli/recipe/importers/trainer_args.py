@@ -58,7 +58,6 @@ NO_EFFECT = {
     "push_to_hub": "peftcli does not upload; push the run directory yourself",
     "hub_model_id": "peftcli does not upload; push the run directory yourself",
     "hub_strategy": "peftcli does not upload; push the run directory yourself",
-    "eval_on_start": "peftcli evaluates at the start by default (training.eval_at_start)",
     "gradient_checkpointing_kwargs": "peftcli picks the checkpointing variant itself (non-reentrant)",
 }
 NOT_SUPPORTED = {
@@ -173,6 +172,9 @@ def _evaluation(conv: Converter) -> None:
         conv.note("eval_strategy", f"{strategy}: no validation data was mapped, so nothing is evaluated")
         conv.used.add("eval_steps")
         return
+    conv.copy(
+        "eval_on_start", "training.eval_at_start", False, "HF TrainingArguments' eval_on_start default", convert=bool
+    )
     if strategy == "steps":
         if conv.has("eval_steps"):
             map_steps(conv, "eval_steps", "training.eval_every")
