@@ -315,6 +315,7 @@ def test_trainer_arguments_json(staged):
     assert "clearml" in unmapped["report_to"] and unmapped["adam_epsilon"].startswith("no effect in peftcli:")
     assert recipe.launch.preset == "zero3_offload" and "name" in unmapped["deepspeed"]
     assert recipe.data.group_by_length is True and training.activation_checkpointing is False
+    assert recipe.data.mask_prompt is False  # the plain HF Trainer's loss covers every token
     assert unmapped["logging_dir"].startswith("no effect in peftcli:")
     assert ("training.epochs", 3.0) in [(k, v) for k, v, _ in result.defaults]
 

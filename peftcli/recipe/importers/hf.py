@@ -219,7 +219,18 @@ def _data(conv: Converter, trl: bool) -> None:
     conv.used.update({"max_length", "max_seq_length"})
     conv.put("data.packing", bool(conv.take("packing", False)))
     if not conv.has("packing"):
-        conv.defaults.append(("data.packing", False, "TRL SFTConfig's packing default"))
+        owner = "TRL SFTConfig's packing default" if trl else "the HF Trainer packs nothing"
+        conv.defaults.append(("data.packing", False, owner))
+    _loss_mask(conv, trl)
+
+
+def _loss_mask(conv: Converter, trl: bool) -> None:
+    """Which tokens the source's loss covers, as data.mask_prompt."""
+    if not trl:
+        # the plain HF Trainer's causal-LM loss covers every token it is given
+        conv.put("data.mask_prompt", False)
+        conv.defaults.append(("data.mask_prompt", False, "the HF Trainer masks no prompt tokens"))
+        return
     train = conv.recipe["data"]["train"]
     fmt = (train[0] if isinstance(train, list) else train)["format"]
     if fmt == "chat":
