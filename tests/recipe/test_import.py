@@ -50,7 +50,11 @@ def write_data(root: Path) -> None:
             "formatting": "sharegpt",
             "columns": {"messages": "conversations", "tools": "tools"},
         },
-        "alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en"},
+        "alpaca_en": {
+            "hf_hub_url": "llamafactory/alpaca_en",
+            "ms_hub_url": "llamafactory/alpaca_en",
+            "num_samples": 100,
+        },
     }
     (data / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     for name, stage in (("deepspeed_configs/zero2.json", 2), ("examples/deepspeed/ds_z3_config.json", 3)):
@@ -213,6 +217,7 @@ def test_llama_factory_qlora_datasets(staged):
     assert (chat.format, chat.columns) == ("chat", {})
     assert (hub.path, hub.format) == ("llamafactory/alpaca_en", "alpaca")
     assert "hub dataset" in unmapped["dataset[2]"]
+    assert "ms_hub_url, num_samples" in unmapped["dataset[2] (dataset_info)"]
     assert "from" in unmapped["dataset[1]"] and "convert" in unmapped["dataset[1]"]
     assert (recipe.method.r, recipe.method.alpha, recipe.method.target_modules) == (8, 16, ["q_proj", "v_proj"])
     assert recipe.data.mask_prompt is False  # train_on_prompt: true

@@ -30,6 +30,8 @@ DOUBLE_QUANTIZATION = True
 # dataset_info.json: alpaca columns prompt/query/response; sharegpt columns messages "conversations" with tags
 # from/value and roles human/gpt (data/README.md of LLaMA-Factory).
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}
+# dataset_info.json entry keys the importer reads (file_sha1 only guards LLaMA-Factory's cache)
+_INFO_KEYS = {"file_name", "hf_hub_url", "formatting", "columns", "tags", "split", "subset", "ranking", "file_sha1"}
 ATTENTION = {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 
 _NO_EFFECT = {
@@ -212,6 +214,9 @@ def _source(conv: Converter, key: str, name: str, info: dict, directory: Path | 
     ignored = sorted(set(columns) - {"prompt", "query", "response", "messages"})
     if ignored:
         conv.note(key, f"{name}: columns {', '.join(ignored)} have no place in peftcli's {fmt} format")
+    extra = sorted(set(entry) - _INFO_KEYS)
+    if extra:
+        conv.note(f"{key} (dataset_info)", f"{name}: {', '.join(extra)} not carried (peftcli reads the whole file)")
     if entry.get("file_name"):
         path = str(directory / entry["file_name"]) if directory else str(entry["file_name"])
     elif entry.get("hf_hub_url"):
