@@ -31,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Validate, show, describe and import recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(runs_commands.runs_app, name="runs")
 data_app = typer.Typer(help="Look at the data as training will see it, and tokenize it ahead.", no_args_is_help=True)
@@ -50,6 +50,7 @@ app.command("clean")(clean_commands.clean)
 recipe_app.command("validate")(recipe_commands.validate)
 recipe_app.command("show")(recipe_commands.show)
 recipe_app.command("schema")(recipe_commands.schema)
+recipe_app.command("import")(recipe_commands.import_recipe)
 data_app.command("inspect")(data_commands.inspect)
 data_app.command("prepare")(data_prepare_commands.prepare)
 

@@ -1,4 +1,4 @@
-"""`peft recipe validate|show|schema`."""
+"""`peft recipe validate|show|schema|import`."""
 
 from __future__ import annotations
 
@@ -59,3 +59,39 @@ def schema(
     else:
         output.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {output}")
+
+
+def import_recipe(
+    file: Path = typer.Argument(..., help="The other tool's training config (YAML or JSON)."),
+    output: Path | None = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Recipe file to write. Default: beside FILE, its name ending in .peftcli.yaml instead "
+        "(qlora.yml -> qlora.peftcli.yaml).",
+    ),
+    source: str | None = typer.Option(
+        None,
+        "--from",
+        metavar="TOOL",
+        help="axolotl, llama-factory or hf (a flat file of HF TrainingArguments and TRL keys). "
+        "Default: detected from the keys.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Convert an Axolotl, LLaMA-Factory or HF TrainingArguments config into a recipe.
+
+    Every source key that is not carried over is printed as `key: reason` and written as a comment at the top
+    of the recipe; where the source tool's default differs from peftcli's, the recipe states the source's
+    value. Local data and model paths are looked up from the current directory, then beside FILE, and written
+    absolute. The recipe is validated before it is written.
+    """
+    from peftcli.recipe.importers import import_config, render, write_atomic
+
+    result = import_config(file, source)
+    target = output if output is not None else file.with_name(f"{file.stem}.peftcli.yaml")
+    write_atomic(target, render(result), overwrite)
+    for item in result.unmapped:
+        typer.echo(item.line())
+    counted = f"{len(result.unmapped)} key{'s' if len(result.unmapped) != 1 else ''} not carried over"
+    typer.echo(f"wrote {target} (from {result.tool}; {counted}, listed above and in its header)")
