@@ -168,7 +168,7 @@ def run_verify(adapter_dir: Path, merged_dir: Path, base: str | None, dtype: str
 
 
 def parse_weights(text: str | None, count: int) -> list[float]:
-    """'0.6,0.4' -> [0.6, 0.4]; none given -> 1.0 each (as HF PEFT's examples use them)."""
+    """'0.6,0.4' -> [0.6, 0.4]; none given -> 1.0 each (every adapter's whole update)."""
     from peftcli.errors import PeftCliError
 
     if text is None:

@@ -9,8 +9,16 @@ equals the one HF PEFT makes from the same adapters:
 - svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd combine the full updates w·s·B·A and
   keep the top `rank` singular directions.
 
-The new adapter has alpha = r (scale 1): the sources' scales are already inside its tensors. A module only
-some sources adapt gets only their contribution (the rules treat a missing update as zero).
+The new adapter has alpha = r (scale 1): the sources' scales are already inside its tensors. It is written with
+use_rslora false; HF PEFT keeps the first source's use_rslora, which scales an rsLoRA combination by sqrt(r)
+once more. A module only some sources adapt gets only their contribution (the rules treat a missing update as
+zero, as HF PEFT does).
+
+DARE's random masks come from a generator seeded by --seed alone, drawn in the base model's module order (per
+module: A's masks, then B's, one per source; for the _svd rules one per source's update), so a seed always
+gives the same combination. HF PEFT draws the same masks in the same order but from torch's global generator,
+after initialising the new adapter from it, so its masks depend on that initialisation; the tests compare the
+two with shared masks.
 """
 
 from __future__ import annotations

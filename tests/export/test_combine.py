@@ -5,6 +5,7 @@ refused before anything is written."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,61 @@ def test_linear_needs_one_rank(pair, tiny_model_dir, tmp_path):
     ok = run_cli("merge", str(pair[0]), str(other), "--combine", "svd", "--as", "adapter", "-o", str(out))
     assert ok.returncode == 0, ok.stderr
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
+
+
+def _task_rows(kind: str, count: int, seed: int) -> list[dict]:
+    import random
+
+    from peftcli.examples.tiny import WORDS
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        words = [rng.choice(WORDS[:26]) for _ in range(rng.randint(3, 5))]
+        answer = words[::-1] if kind == "reverse" else [w.upper() for w in words]
+        rows.append({"prompt": f"{kind} " + " ".join(words), "completion": " ".join(answer)})
+    return rows
+
+
+def test_ties_keeps_both_skills(tiny_model_dir, tmp_path, one_torch_thread):
+    """Two runs on two toy tasks, combined by TIES: the merged model beats the base on both tasks."""
+    from peftcli.examples.tiny import write_jsonl
+    from peftcli.recipe.load import load_recipe
+    from peftcli.serve.score import DataChoice, evaluate_run
+    from peftcli.train.loop import train
+
+    from support import make_recipe, write_recipe
+
+    runs, evals = [], {}
+    for seed, kind in enumerate(("reverse", "upper")):
+        data = write_jsonl(tmp_path / f"{kind}.jsonl", _task_rows(kind, 200, seed))
+        evals[kind] = write_jsonl(tmp_path / f"{kind}-eval.jsonl", _task_rows(kind, 24, 100 + seed))
+        recipe = make_recipe(tmp_path, tiny_model_dir, data, training={"max_steps": 30, "batch_size": 8,
+                             "learning_rate": 3e-3}, output={"dir": str(tmp_path / f"run-{kind}")})  # fmt: skip
+        recipe["data"].pop("validation")
+        train(load_recipe(write_recipe(tmp_path / f"{kind}.yaml", recipe)))
+        runs.append(tmp_path / f"run-{kind}")
+    merged = tmp_path / "merged"
+    result = run_cli("merge", *map(str, runs), "--combine", "ties", "--weights", "1,1", "--density", "0.5",
+                     "--dtype", "fp32", "-o", str(merged))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    def loss(target: Path, kind: str) -> float:
+        return evaluate_run(target, DataChoice(str(evals[kind]), "prompt_completion"))["eval_loss"]
+
+    for kind, run in zip(("reverse", "upper"), runs, strict=True):
+        base, trained, combined = loss(tiny_model_dir, kind), loss(run, kind), loss(merged, kind)
+        print(f"{kind}: base {base:.3f}, its own adapter {trained:.3f}, TIES-combined {combined:.3f}")
+        assert trained < base and combined < base
+
+
+def test_eval_scores_a_combined_adapter_directory(pair, tmp_path, copy_data):
+    """A combined adapter has no training recipe: peft eval scores it on --data, and says so without."""
+    out = tmp_path / "combined"
+    assert run_cli("merge", *map(str, pair), "--combine", "svd", "--as", "adapter", "-o", str(out)).returncode == 0
+    scored = run_cli("eval", str(out), "--data", str(copy_data), "--format", "prompt_completion", "--max-samples",
+                     "8", "--json")  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    assert math.isfinite(json.loads(scored.stdout.strip().splitlines()[-1])["eval_loss"])
+    refused = run_cli("eval", str(out))
+    assert refused.returncode == 2 and "pass --data FILE and --format F" in refused.stderr
