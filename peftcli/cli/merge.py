@@ -28,7 +28,9 @@ def merge(
     adapter_dirs: list[Path] = typer.Argument(
         ..., metavar="ADAPTER_DIR...", help="A run directory (or any adapter dir); several with --combine."
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Merged model directory [default: DIR-merged]."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Output directory [default: DIR-merged; required with several adapters]."
+    ),
     dtype: str | None = typer.Option(None, "--dtype", help=DTYPE_HELP + " bf16 | fp16 | fp32 [default: bf16]."),
     base: str | None = typer.Option(None, "--base", help="Base model directory (default: the run's recipe)."),
     max_shard_size: str | None = typer.Option(

@@ -292,3 +292,18 @@ def test_eval_scores_a_combined_adapter_directory(pair, tmp_path, copy_data):
     assert math.isfinite(json.loads(scored.stdout.strip().splitlines()[-1])["eval_loss"])
     refused = run_cli("eval", str(out))
     assert refused.returncode == 2 and "pass --data FILE and --format F" in refused.stderr
+
+
+def test_rslora_sources_are_scaled_by_their_own_rule(pair, tiny_model_dir, tmp_path, one_torch_thread):
+    """An rsLoRA source enters with alpha/sqrt(r), as HF PEFT scales it; the result is written at scale 1."""
+    rs = _adapter(tmp_path, tiny_model_dir, "rs", 5, rslora=True, target_modules=["q_proj", "v_proj"])
+    sources = [read_lora_source(pair[0]), read_lora_source(rs)]
+    ours = combine_loras(sources, [0.5, 1.0], "cat")
+    theirs = _hf_combination(tiny_model_dir, [pair[0], rs], [0.5, 1.0], "cat")
+    for name, (a, b) in ours.modules.items():
+        assert max_diff(a, theirs[name][0]) == 0 and max_diff(b, theirs[name][1]) == 0
+    out = tmp_path / "combined"
+    result = run_cli("merge", str(pair[0]), str(rs), "--combine", "cat", "--as", "adapter", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False and config["lora_alpha"] == config["r"] == 8
