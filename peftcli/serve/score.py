@@ -49,11 +49,15 @@ def eval_recipe(run: Path, choice: DataChoice, base: str | None):
 
     if choice.path is not None and not Path(choice.path).exists():
         raise DataError(f"--data: {choice.path} not found")
-    if classify(run) == "merged":
+    kind = classify(run)
+    # An adapter trained elsewhere, or one `peft merge --combine` wrote, has no training recipe (at most its base).
+    recipe_less = kind == "run" and not (read_recipe(run).get("method") and read_recipe(run).get("data"))
+    if kind == "merged" or recipe_less:
         if choice.path is None or choice.format is None:
+            what = "a merged model directory" if kind == "merged" else "an adapter directory without a training recipe"
+            hint = " (or evaluate the run directory with --merged)" if kind == "merged" else ""
             raise PeftCliError(
-                f"{run}: a merged model directory holds no recipe, so no validation data; pass --data FILE and "
-                "--format F (or evaluate the run directory with --merged)"
+                f"{run}: {what} holds no recipe, so no validation data; pass --data FILE and --format F{hint}"
             )
         source = {"path": choice.path, "format": choice.format, "columns": choice.columns}
         source.update({"max_samples": choice.max_samples} if choice.max_samples else {})
