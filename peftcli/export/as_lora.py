@@ -2,7 +2,8 @@
 
 Each adapted linear layer's update is taken as merged minus base, both in fp32, from the streaming merge
 (`open_merge`), so every method's own `merge()` defines its update, DoRA's magnitude rescale and OFT's rotation
-included. The update dW (out x in) = U S V^T is cut to rank r and split evenly, B = U_r sqrt(S_r) and
+included; a linear weight a method trains in full (freeze, full) gives its update the same way. The update
+dW (out x in) = U S V^T is cut to rank r and split evenly, B = U_r sqrt(S_r) and
 A = sqrt(S_r) V_r^T, with alpha = r so that LoRA's scale alpha / r is 1. Small modules a method replaces
 outright (normalisation weights under LN tuning, a task head) become `modules_to_save`, which HF PEFT reads as
 whole-module copies. Biases of linear layers and other layer types have no LoRA form and are refused.
@@ -156,6 +157,12 @@ def _collect(source, fresh: nn.Module, head_modules: set[str], rank, energy):
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     fits: list[LayerFit] = []
     copies: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _fit(owner: str, delta: torch.Tensor) -> None:
+        b, a, r, kept = factorize(delta, rank, energy)
+        factors[owner] = (b, a)
+        fits.append(LayerFit(owner, tuple(delta.shape), r, _relative_error(delta, b, a), kept))
+
     for owner, layer in plan.wrapped.items():
         _, base_module = wrapper_chain(layer)
         merged = {key: source.read(key) for key in plan.parts_of[owner]}
@@ -167,10 +174,7 @@ def _collect(source, fresh: nn.Module, head_modules: set[str], rank, energy):
                     f"{owner}: the method changes this layer's bias, which LoRA cannot express; export --format "
                     "safetensors (a merged model) instead"
                 )
-            delta = merged[f"{owner}.weight"].to(torch.float32) - base[f"{owner}.weight"]
-            b, a, r, kept = factorize(delta, rank, energy)
-            factors[owner] = (b, a)
-            fits.append(LayerFit(owner, tuple(delta.shape), r, _relative_error(delta, b, a), kept))
+            _fit(owner, merged[f"{owner}.weight"].to(torch.float32) - base[f"{owner}.weight"])
         elif _small_module(base_module):
             copies[owner] = {key.rsplit(".", 1)[1]: value for key, value in merged.items()}
         else:
@@ -181,9 +185,14 @@ def _collect(source, fresh: nn.Module, head_modules: set[str], rank, energy):
     for key, value in plan.replaced.items():
         owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
         module = fresh.get_submodule(owner)
+        trained_weight = leaf == "weight" and key not in plan.new_keys and owner not in head_modules
+        if trained_weight and _is_linear(module) and f"{owner}.bias" not in plan.replaced:
+            # A linear weight trained in full (freeze, full): its update is a weight delta like any other
+            _fit(owner, value.to(torch.float32) - source.base(key).to(torch.float32))
+            continue
         if not (_small_module(module) or owner in head_modules):
             raise AdapterError(
-                f"the method trains {key} on its own (a bias, say); LoRA has no form for that, and keeping it "
+                f"the method trains {key} on its own; LoRA has no form for that, and keeping it "
                 f"would copy the whole {type(module).__name__} {owner} (modules_to_save); export --format "
                 "safetensors (a merged model) instead"
             )

@@ -31,6 +31,7 @@ PARAMS = {
     "vera": {"r": 8},
     "ia3": {},
     "adalora": {"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "total_step": 10},
+    "freeze": {"layers": [1]},  # block 1 trained in full: its linear weights by SVD, its norms kept whole
 }
 CONVERTIBLE = sorted(PARAMS)
 FULL_RANK = 64  # the tiny Llama's hidden size: no layer's update has a higher rank
@@ -179,6 +180,13 @@ def test_a_norm_the_method_replaces_is_kept_whole_as_modules_to_save(base, tmp_p
 def test_ln_tuning_alone_is_refused(base, tmp_path):
     run, _ = _run_dir(tmp_path, base, "ln_tuning", {})
     with pytest.raises(AdapterError, match="changes no linear layer"):
+        convert_to_lora(run, tmp_path / "lora", rank=4)
+    assert not (tmp_path / "lora").exists()
+
+
+def test_full_fine_tuning_of_the_embedding_is_refused(base, tmp_path):
+    run, _ = _run_dir(tmp_path, base, "full", {})
+    with pytest.raises(AdapterError, match="trains model.embed_tokens.weight on its own; LoRA has no form"):
         convert_to_lora(run, tmp_path / "lora", rank=4)
     assert not (tmp_path / "lora").exists()
 
