@@ -116,8 +116,8 @@ def test_factorize_fixed_rank_and_energy():
     s = torch.tensor([3.0, 2.0, 1.0, 0, 0, 0], dtype=torch.float64)
     delta = (u[:, :6] * s) @ v.T  # energies 9, 4, 1 of 14
     for energy, rank in ((0.5, 1), (9 / 14, 1), (0.9, 2), (13 / 14, 2), (0.95, 3), (1.0, 3)):
-        b, a, r, kept = factorize(delta, energy=energy)
-        assert r == rank and b.shape == (8, r) and a.shape == (r, 6) and kept >= energy - 1e-12
+        b, a, r, kept = factorize(delta, energy=energy)  # exactly 9/14 and 13/14 count as reached (fp32 slack)
+        assert r == rank and b.shape == (8, r) and a.shape == (r, 6) and kept >= energy - 1e-6
     b, a, r, kept = factorize(delta, rank=2)
     assert kept == pytest.approx(13 / 14)
     assert torch.linalg.matrix_norm(delta.float() - b @ a).item() == pytest.approx(1.0, rel=1e-5)  # the dropped S_3
