@@ -115,7 +115,7 @@ def _rank_for_energy(squares: torch.Tensor, energy: float) -> int:
 def factorize(
     delta: torch.Tensor, rank: int | None = None, energy: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """B (out x r) and A (r x in) in fp32 with B A close to `delta`; also r and the share of energy kept.
+    """B (out x r) and A (r x in), fp32, with B A close to `delta`; also r and the share of energy kept.
 
     The SVD runs in fp32 (fp64 took twice as long): at full rank the factors reproduce the update to a few fp32
     ulps times sqrt(size), far below what an adapter stored in 16 bits carries anyway.
@@ -214,7 +214,7 @@ def _collect(source, fresh: nn.Module, head_modules: set[str], rank, energy):
     return factors, fits, copies
 
 
-def _lora_params(fits: list[LayerFit], copies: dict, fixed_rank: bool):
+def _lora_params(fits: list[LayerFit], copies: dict):
     """LoRA params with alpha = r everywhere; ranks that differ from the most common one go in rank_pattern."""
     from peftcli.tuners.lora.spec import LoraParams
 
@@ -225,7 +225,7 @@ def _lora_params(fits: list[LayerFit], copies: dict, fixed_rank: bool):
     return LoraParams(
         r=common,
         alpha=common,
-        target_modules=sorted(fit.module for fit in fits) or [],
+        target_modules=sorted(fit.module for fit in fits),
         rank_pattern=pattern,
         alpha_pattern={key: float(r) for key, r in pattern.items()},
         modules_to_save=sorted(copies),
@@ -303,7 +303,7 @@ def convert_to_lora(
             f"method {method} changes no linear layer here (only {len(copies)} whole module(s), e.g. norms): a LoRA "
             "adapter would hold nothing but modules_to_save copies; export --format peft or safetensors instead"
         )
-    apply_adapter(fresh, _lora_params(fits, copies, rank is not None), AdapterContext(task=task))
+    apply_adapter(fresh, _lora_params(fits, copies), AdapterContext(task=task))
     _fill(fresh, factors, copies)
     expected = adapter_state_dict(fresh)
     notes = list(source.notes)
