@@ -1,4 +1,4 @@
-"""`peft export DIR --format safetensors|peft|gguf`: what people deploy, from a run or a model directory."""
+"""`peft export DIR --format safetensors|peft|gguf|lora`: what people deploy, from a run or a model directory."""
 
 from __future__ import annotations
 
@@ -15,21 +15,39 @@ from peftcli.cli.merge import (
     run_merge,
 )
 
+DEFAULT_RANK = 16  # peftcli.export.as_lora.DEFAULT_RANK, repeated so that --help does not import torch
+
 
 def export(
     source: Path = typer.Argument(..., metavar="DIR", help="A run/adapter directory, or a model directory (gguf)."),
-    fmt: str = typer.Option(..., "--format", "-f", help="safetensors (merged model) | peft (adapter) | gguf."),
+    fmt: str = typer.Option(
+        ...,
+        "--format",
+        "-f",
+        help="safetensors (merged model) | peft (adapter) | gguf | lora (any mergeable adapter as plain LoRA, by SVD).",
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output directory, or file for gguf."),
     quant: str = typer.Option("f16", "--quant", help="gguf: f32 | f16 | bf16 | q8_0."),
     dtype: str = typer.Option("bf16", "--dtype", help="safetensors: dtype of the merged weights (bf16|fp16|fp32)."),
     base: str | None = typer.Option(None, "--base", help="Base model directory (default: the run's recipe)."),
     max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="safetensors: largest shard, e.g. 2GB."),
+    rank: int | None = typer.Option(
+        None, "--rank", help=f"lora: one rank for every layer (default {DEFAULT_RANK}; vLLM needs one rank)."
+    ),
+    energy: float | None = typer.Option(
+        None,
+        "--energy",
+        help="lora: per layer, the smallest rank keeping this share of the squared singular values, e.g. 0.99 "
+        "(ranks may differ: rank_pattern).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Export a trained adapter (or a model) for deployment."""
     from peftcli.errors import PeftCliError
 
     check_dtype(dtype)
+    if fmt != "lora" and (rank is not None or energy is not None):
+        raise PeftCliError("--rank and --energy apply to --format lora only")
     is_adapter = (source / "adapter_config.json").is_file()
     if not is_adapter:
         refuse_unfinished_run(source)
@@ -41,8 +59,10 @@ def export(
         _export_peft(source, output or default_output(source, "peft"), overwrite, is_adapter)
     elif fmt == "gguf":
         _export_gguf(source, output, quant, base, overwrite, is_adapter)
+    elif fmt == "lora":
+        _export_lora(source, output, rank, energy, base, overwrite, is_adapter)
     else:
-        raise PeftCliError(f"--format: {fmt!r} is not one of safetensors, peft, gguf")
+        raise PeftCliError(f"--format: {fmt!r} is not one of safetensors, peft, gguf, lora")
 
 
 def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) -> None:
@@ -75,3 +95,30 @@ def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite:
     else:
         write_gguf(source, output, quant, overwrite=overwrite)
     typer.echo(f"wrote GGUF ({quant}) -> {output}")
+
+
+def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_adapter: bool) -> None:
+    from peftcli.errors import PeftCliError
+    from peftcli.export.as_lora import REPORT_NAME, check_method, check_request, convert_to_lora
+    from peftcli.tuners.adapter import read_adapter_config
+
+    if not is_adapter:
+        raise PeftCliError(f"{source}: no adapter_config.json; --format lora converts a run's adapter")
+    check_request(rank, energy)
+    check_method(read_adapter_config(source)[0])
+    output = output or default_output(source, "lora")
+    clean_before_writing(output)
+    result = convert_to_lora(source, output, rank=rank, energy=energy, base=base, overwrite=overwrite)
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    ranks = result.ranks
+    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    typer.echo(f"converted {result.method} to LoRA ({shown}) on {len(result.layers)} linear layers of {result.base}")
+    if result.layers:
+        worst = ", ".join(f"{fit.module} {fit.relative_error:.3g} (r={fit.rank})" for fit in result.worst(3))
+        typer.echo(f"relative error per layer ||dW - BA|| / ||dW||: median {result.median_error:.3g}; worst {worst}")
+    typer.echo(
+        f"probe logits, base + LoRA vs base + original adapter: max |diff| {result.probe_max_abs:.3g} "
+        f"({result.probe_relative:.3g} of the largest logit)"
+    )
+    typer.echo(f"wrote the LoRA adapter (HF PEFT format; per-layer table in {REPORT_NAME}) -> {output}")

@@ -179,7 +179,7 @@ def _is_wrapper(module: nn.Module) -> bool:
     return isinstance(module, AdapterLayer)
 
 
-def _wrapper_chain(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+def wrapper_chain(layer: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     """The wrappers from `layer` down (several adapted parameters of one module nest) and the module they wrap."""
     chain = [layer]
     while _is_wrapper(chain[-1].base_layer):
@@ -196,7 +196,7 @@ def _plan(model: nn.Module, param_names: list[str]) -> _Plan:
     owner_of = {}
     base_params = set()
     for prefix, layer in wrapped.items():
-        _, base = _wrapper_chain(layer)
+        _, base = wrapper_chain(layer)
         for leaf, param in base.named_parameters(recurse=False):
             owner_of[f"{prefix}.{leaf}"] = prefix
             base_params.add(id(param))
@@ -222,7 +222,7 @@ def _split_experts(plan: _Plan, model: nn.Module, keys: dict) -> None:
             continue  # _check_fit names the missing key
         owner = plan.owner_of.pop(key)
         leaf = key.rsplit(".", 1)[1]
-        chain, _ = _wrapper_chain(plan.wrapped[owner])
+        chain, _ = wrapper_chain(plan.wrapped[owner])
         layer = next((w for w in chain if getattr(w, "parameter_name", None) == leaf), None)
         for stored, numbers in rows.items():
             want = (len(numbers), shapes[key][-1])
@@ -278,7 +278,7 @@ def _stored_transposed(layer: nn.Module) -> bool:
 
 def _merge_layer(layer: nn.Module, prefix: str, base_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Merge one wrapped layer on its real base tensors; returns the merged tensors and frees them again."""
-    chain, base = _wrapper_chain(layer)
+    chain, base = wrapper_chain(layer)
     params = dict(base.named_parameters(recurse=False))
     transposed = _stored_transposed(layer)
     for leaf, param in params.items():
@@ -390,12 +390,12 @@ class MergeSource:
         """One output tensor on its own (a wrapped layer is merged when its first tensor is asked for)."""
         plan = self.plan
         if key in plan.expert_rows:
-            return self._expert_rows(key, self._base(key))
+            return self._expert_rows(key, self.base(key))
         owner = plan.owner_of.get(key)
         if owner is None:
-            return plan.replaced[key] if key in plan.replaced else self._base(key)
+            return plan.replaced[key] if key in plan.replaced else self.base(key)
         if key not in self._merged:
-            base = {k: self._base(k) for k in plan.parts_of[owner]}
+            base = {k: self.base(k) for k in plan.parts_of[owner]}
             self._merged.update(_merge_layer(plan.wrapped[owner], owner, base))
             self.merged_layers += 1
         return self._merged.pop(key)
@@ -407,7 +407,8 @@ class MergeSource:
             self.merged_layers += 1
         return _add_rows(tensor, layer, rows)
 
-    def _base(self, key: str) -> torch.Tensor:
+    def base(self, key: str) -> torch.Tensor:
+        """A tensor of the base checkpoint as stored (a tied copy read from the name it is stored under)."""
         stored = self.plan.stored_as.get(key, key)
         return self.checkpoint.read(stored) if self.checkpoint is not None else self.gguf_state[stored]
 
