@@ -732,6 +732,12 @@ class Evaluation:
                 self.prompts = [list(validation[i]["input_ids"]) for i in shown]
             else:
                 self.prompts = [prompt_ids(validation[i]) for i in shown]
+            if not all(self.prompts):  # labels from the first token (format text, or mask_prompt off)
+                reporter.message(
+                    "note: no generation score (training.eval_generation): the validation examples have no prompt "
+                    "before their labels"
+                )
+                self.prompts = []
 
     def loss(self, step: int) -> None:
         run = self.run

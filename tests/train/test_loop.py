@@ -314,3 +314,27 @@ def test_resume_refuses_a_change_the_checkpoint_cannot_follow_and_allows_a_longe
     )
     assert train(longer, resume=True, reporter=Recorder())["steps"] == 6
     assert any("differs from the run's recipe.yaml in training.max_steps" in m for m in messages), messages
+
+
+def test_eval_generation_with_every_token_trained_goes_on_without_a_score(tmp_path, tiny_model_dir, copy_data):
+    """data.mask_prompt false trains from the first token: there is no prompt to answer, so the run says so."""
+
+    class Messages(SilentReporter):
+        def __init__(self):
+            self.lines = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    recipe = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        copy_data,
+        data={"mask_prompt": False},
+        training={"max_steps": 2, "eval_generation": {"prompts": 2, "max_new_tokens": 4, "pattern": "a"}},
+    )
+    reporter = Messages()
+    summary = train(recipe, reporter=reporter)
+    assert summary["steps"] == 2 and math.isfinite(summary["eval_after"]["eval_loss"])
+    assert "gen_score" not in summary["eval_after"]
+    assert any("no generation score" in line for line in reporter.lines), reporter.lines
