@@ -120,7 +120,8 @@ class Renderer:
             if self.uses_chat_template:
                 user = instruction if not extra else f"{instruction}\n\n{extra}"
                 return self.render_chat(
-                    [{"role": "user", "content": user}, {"role": "assistant", "content": output}], index
+                    self.with_system([{"role": "user", "content": user}, {"role": "assistant", "content": output}]),
+                    index,
                 )
             prompt = ALPACA_PROMPT.format(
                 with_input=", paired with an input that provides further context" if extra else "",
@@ -131,7 +132,8 @@ class Renderer:
         prompt, completion = self.text_of(row, "prompt", index), self.text_of(row, "completion", index)
         if self.uses_chat_template:
             return self.render_chat(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], index
+                self.with_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]),
+                index,
             )
         return self.render_plain(prompt, completion)
 
@@ -145,10 +147,13 @@ class Renderer:
 
     def messages_of(self, row: dict, index: int) -> list[dict]:
         where = f"{self.key}: example {index}: {self.column('messages')}"
-        clean = self.clean_messages(row.get(self.column("messages")), where)
-        if self.source.system_prompt and clean[0]["role"] != "system":
-            clean.insert(0, {"role": "system", "content": self.source.system_prompt})
-        return clean
+        return self.with_system(self.clean_messages(row.get(self.column("messages")), where))
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """data.train.system_prompt first, unless the example brings its own system message."""
+        if self.source.system_prompt and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.source.system_prompt}, *messages]
+        return messages
 
     def render_chat(self, messages: list[dict], index: int, first_labelled_turn: int = 0) -> dict:
         tok = self.tokenizer

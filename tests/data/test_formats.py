@@ -117,6 +117,19 @@ def test_chat_system_prompt_is_added_and_masked(tokenizer, copy_data: Path) -> N
     assert [tokenizer.decode(run) for run in labelled_runs(example)] == ["alpha bravo<|im_end|>\n"]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "row"),
+    [
+        ("alpaca", {"instruction": "copy alpha", "output": "alpha"}),
+        ("prompt_completion", {"prompt": "copy alpha", "completion": "alpha"}),
+    ],
+)
+def test_system_prompt_comes_first_in_chat_rendered_pairs(tokenizer, copy_data: Path, fmt, row) -> None:
+    example = renderer(tokenizer, copy_data, fmt, system_prompt="be brief")(row, 0)
+    assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nbe brief<|im_end|>")
+    assert [tokenizer.decode(run) for run in labelled_runs(example)] == ["alpha<|im_end|>\n"]
+
+
 def test_chat_bad_messages_are_data_errors(tokenizer, copy_data: Path) -> None:
     render = renderer(tokenizer, copy_data, "chat")
     with pytest.raises(DataError, match="example 3"):
