@@ -144,11 +144,7 @@ def convert(path: Path, data: dict) -> ImportResult:
     _launch(conv)
     for key in _CLASS_PICKERS:
         conv.no_effect(key, "transformers' Auto classes pick the model and tokenizer classes")
-    for key, reason in _NO_EFFECT.items():
-        conv.no_effect(key, reason)
-    for key, reason in _NOT_SUPPORTED.items():
-        if conv.has(key):
-            conv.note(key, reason)
+    conv.list_unused(_NO_EFFECT, _NOT_SUPPORTED)
     conv.copy("output_dir", "output.dir", OUTPUT_DIR, "Axolotl's output_dir default")
     return conv.finish()
 

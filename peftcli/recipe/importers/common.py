@@ -115,6 +115,14 @@ class Converter:
             self.used.add(key)
             self.unmapped.append(Unmapped(key, f"no effect in peftcli: {reason}"))
 
+    def list_unused(self, no_effect: dict[str, str], not_supported: dict[str, str]) -> None:
+        """List the tool's keys peftcli has no use for and those it cannot do, where the source sets them."""
+        for key, reason in no_effect.items():
+            self.no_effect(key, reason)
+        for key, reason in not_supported.items():
+            if self.has(key):
+                self.note(key, reason)
+
     def finish(self) -> ImportResult:
         """The result, listing every source key nothing above used."""
         noted = {item.key for item in self.unmapped}

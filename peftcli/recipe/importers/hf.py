@@ -86,11 +86,7 @@ def convert(path: Path, data: dict) -> ImportResult:
     map_training_arguments(
         conv, "TRL SFTConfig" if trl else "HF TrainingArguments", TRL_DEFAULTS if trl else HF_DEFAULTS
     )
-    for key, reason in _NO_EFFECT.items():
-        conv.no_effect(key, reason)
-    for key, reason in _NOT_SUPPORTED.items():
-        if conv.has(key):
-            conv.note(key, reason)
+    conv.list_unused(_NO_EFFECT, _NOT_SUPPORTED)
     return conv.finish()
 
 

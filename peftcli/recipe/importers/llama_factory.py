@@ -91,11 +91,7 @@ def convert(path: Path, data: dict) -> ImportResult:
     disabled = bool(conv.take("disable_gradient_checkpointing", False))
     defaults = {**HF_DEFAULTS, "gradient_checkpointing": not disabled}
     map_training_arguments(conv, "LLaMA-Factory (HF TrainingArguments)", defaults)
-    for key, reason in _NO_EFFECT.items():
-        conv.no_effect(key, reason)
-    for key, reason in _NOT_SUPPORTED.items():
-        if conv.has(key):
-            conv.note(key, reason)
+    conv.list_unused(_NO_EFFECT, _NOT_SUPPORTED)
     return conv.finish()
 
 
