@@ -223,7 +223,11 @@ class DataSource(StrictModel):
         description="alpaca and prompt_completion: render through the tokenizer's chat template (chat) "
         "or as plain text (plain); auto picks chat when the tokenizer has a template.",
     )
-    system_prompt: str | None = Field(None, description="System message put before every chat-style example.")
+    system_prompt: str | None = Field(
+        None,
+        description="System message put first in every example rendered through the chat template (chat rows, "
+        "and alpaca or prompt/completion rows when the tokenizer has a template), unless a row brings its own.",
+    )
     max_samples: int | None = Field(None, gt=0, description="Use only the first N examples.")
 
     @field_validator("path")
