@@ -41,6 +41,12 @@ def export(
         "(ranks may differ: rank_pattern).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="safetensors: before publishing, compare the merged model's logits with base + adapter (both fp32) "
+        "and fail beyond what the dtype's rounding explains. peft and lora always read back what they wrote.",
+    ),
 ) -> None:
     """Export a trained adapter (or a model) for deployment."""
     from peftcli.errors import PeftCliError
@@ -54,7 +60,8 @@ def export(
     if fmt == "safetensors":
         if not is_adapter:
             raise PeftCliError(f"{source}: no adapter_config.json; --format safetensors merges a run's adapter")
-        report(run_merge(source, output or default_output(source, "merged"), dtype, base, max_shard_size, overwrite))
+        output = output or default_output(source, "merged")
+        report(run_merge(source, output, dtype, base, max_shard_size, overwrite, verify=verify))
     elif fmt == "peft":
         _export_peft(source, output or default_output(source, "peft"), overwrite, is_adapter)
     elif fmt == "gguf":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from peftcli.errors import AdapterError
+from peftcli.errors import AdapterError, VerificationError
 from peftcli.train.run_dir import TOKENIZER_FILES, read_recipe, read_summary
 from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
 from peftcli.tuners.registry import all_tuners, get_tuner
@@ -93,6 +93,20 @@ def model_card(adapter_dir: Path, method: str, raw_config: dict) -> str:
     return "\n".join(lines)
 
 
+def check_copy(tensors: dict, out: Path) -> None:
+    """Read the written adapter back: every tensor bit for bit, or nothing is published."""
+    import torch
+
+    written = read_adapter_weights(out)
+    differ = sorted(k for k in tensors.keys() | written.keys() if k not in written or k not in tensors
+                    or not torch.equal(tensors[k], written[k]))  # fmt: skip
+    if differ:
+        raise VerificationError(
+            f"{out / WEIGHTS_NAME}: {len(differ)} tensors read back differ from the run's ({differ[0]} first); "
+            "nothing was written. Check the disk and export again"
+        )
+
+
 def export_peft(adapter_dir: Path, out: Path) -> None:
     """Write the HF PEFT adapter directory into `out` (an empty directory)."""
     method, _, raw = read_adapter_config(adapter_dir)
@@ -104,9 +118,10 @@ def export_peft(adapter_dir: Path, out: Path) -> None:
             f"method {method} has no HF PEFT format (HF PEFT has {hf}); {what} instead, or use the run "
             "directory as it is"
         )
-    read_adapter_weights(adapter_dir)  # a damaged file is refused, not copied along
+    tensors = read_adapter_weights(adapter_dir)  # a damaged file is refused, not copied along
     shutil.copy2(adapter_dir / CONFIG_NAME, out / CONFIG_NAME)
     shutil.copy2(adapter_dir / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    check_copy(tensors, out)
     for name in TOKENIZER_FILES:
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, out / name)

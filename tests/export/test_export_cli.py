@@ -38,6 +38,38 @@ def test_export_safetensors_is_a_sharded_merged_model(trained_run, tmp_path):
     assert len(set(index["weight_map"].values())) >= 2
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
+    # verified by default before it was published: the logit difference and the bound bf16 rounding sets
+    assert "verify: max |logit difference| between base + adapter and the merged model" in result.stdout
+    again = run_cli("export", str(trained_run), "-f", "safetensors", "-o", str(out), "--overwrite", "--no-verify")
+    assert again.returncode == 0, again.stderr
+    assert "verify:" not in again.stdout
+
+
+def test_export_peft_reads_back_what_it_wrote(trained_run, tmp_path, monkeypatch):
+    """A copy that comes out different (a failing disk) is caught before the output is published."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from peftcli.cli.export import _export_peft
+    from peftcli.errors import VerificationError
+    from peftcli.export import peft_format
+
+    copy = shutil.copy2
+
+    def damaging_copy(src, dst):
+        copy(src, dst)
+        if str(dst).endswith("adapter_model.safetensors"):
+            tensors = load_file(str(dst))
+            first = sorted(tensors)[0]
+            tensors[first] = tensors[first] + 1
+            save_file(tensors, str(dst))
+
+    monkeypatch.setattr(peft_format.shutil, "copy2", damaging_copy)
+    out = tmp_path / "peft"
+    with pytest.raises(VerificationError, match="tensors read back differ"):
+        _export_peft(trained_run, out, overwrite=False, is_adapter=True)
+    assert not out.exists()
 
 
 def test_export_peft_writes_the_adapter_and_a_model_card(trained_run, tmp_path):
