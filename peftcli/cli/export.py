@@ -83,6 +83,17 @@ def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) 
     with staged_dir(output, overwrite) as tmp:
         export_peft(source, tmp)
     typer.echo(f"wrote the adapter in HF PEFT format with a model card -> {output}")
+    _warn_for_servers(output)
+
+
+def _warn_for_servers(adapter_dir: Path) -> None:
+    import json
+
+    from peftcli.export.serving import serving_warnings
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    for line in serving_warnings(config):
+        typer.echo(f"warning: {line}", err=True)
 
 
 def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite: bool, is_adapter: bool) -> None:
@@ -129,3 +140,4 @@ def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_a
         f"({result.probe_relative:.3g} of the largest logit)"
     )
     typer.echo(f"wrote the LoRA adapter (HF PEFT format; per-layer table in {REPORT_NAME}) -> {output}")
+    _warn_for_servers(output)

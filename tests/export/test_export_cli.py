@@ -87,6 +87,7 @@ def test_export_peft_writes_the_adapter_and_a_model_card(trained_run, tmp_path):
     assert front["tags"] == ["peftcli", "lora"]  # the method and its PEFT type are both lora: one tag
     ours = load_file(str(trained_run / "adapter_model.safetensors"))
     assert ours.keys() == load_file(str(out / "adapter_model.safetensors")).keys()
+    assert "warning:" not in result.stderr  # a plain LoRA adapter: nothing a server refuses
     config = json.loads((out / "adapter_config.json").read_text())
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), out)
 
@@ -131,3 +132,13 @@ def test_gguf_refuses_a_base_it_cannot_write_before_merging(trained_run, tmp_pat
     )
     assert "merged" not in result.stdout + result.stderr  # refused before any merge
     assert not (tmp_path / "out").exists()
+
+
+def test_export_peft_warns_about_what_vllm_refuses(tmp_path, tiny_model_dir, copy_data):
+    recipe = make_recipe(tmp_path, tiny_model_dir, copy_data, method={"modules_to_save": ["lm_head"]},
+                         training={"max_steps": 1})  # fmt: skip
+    train(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))
+    result = run_cli("export", str(tmp_path / "run"), "--format", "peft", "-o", str(tmp_path / "peft"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "modules_to_save (lm_head): vLLM refuses" in warnings[0], result.stderr
