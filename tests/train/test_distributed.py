@@ -67,19 +67,10 @@ def one_process(tmp_path_factory, tiny_model_dir, copy_data):
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("preset", list(ENGINES))
-def test_two_processes_train_the_adapter_one_process_trains(preset, one_process, tmp_path, tiny_model_dir, copy_data):
-    if preset != "ddp":
-        pytest.importorskip("deepspeed")
-    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "run"))
-    out = tmp_path / "run"
-    result = _launch(recipe, preset)
-    if not _finished(out):
-        result = _launch(recipe, preset, "--overwrite")
-    assert _finished(out), result.stderr[-3000:]
+def _check_same_as_one_process(result, out, reference, preset: str) -> None:
+    """A 2-process run (`result`, written to `out`) did what the one-process run `reference` did."""
     assert "launching through accelerate" in result.stderr
-    assert json.loads((one_process / "summary.json").read_text())["engine"] == "single process"  # not "DDP"
-
+    assert json.loads((reference / "summary.json").read_text())["engine"] == "single process"  # not "DDP"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["engine"] == ENGINES[preset] and summary["world_size"] == WORLD
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4  # 2 prompts x 2 times, by one process
@@ -93,9 +84,9 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     assert printed.count("tokenized data: from cache ") == 1 and "tokenized data.train" not in printed
 
     # The same computation: every step's loss and gradient norm agree to float32 summation order.
-    ours, reference = _train_losses(out), _train_losses(one_process)
-    assert len(ours) == len(reference) == STEPS
-    for (loss, norm), (ref_loss, ref_norm) in zip(ours, reference, strict=True):
+    ours, expected_losses = _train_losses(out), _train_losses(reference)
+    assert len(ours) == len(expected_losses) == summary["steps"]
+    for (loss, norm), (ref_loss, ref_norm) in zip(ours, expected_losses, strict=True):
         assert loss == pytest.approx(ref_loss, rel=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
 
     # Whole tensors (never a rank's slice), and the same adapter. Adam divides each gradient by its own running
@@ -104,14 +95,28 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
     # for DDP and ZeRO-2, 1e-4 for ZeRO-3, with elements up to 0.13). 3e-4 is a tenth of one step's reach.
     tensors, expected = (
         load_file(str(out / "adapter_model.safetensors")),
-        load_file(str(one_process / "adapter_model.safetensors")),
+        load_file(str(reference / "adapter_model.safetensors")),
     )
     assert tensors.keys() == expected.keys()
     for key, value in expected.items():
         assert tensors[key].shape == value.shape and tensors[key].numel() > 0, key
         assert (tensors[key] - value).abs().max().item() < 3e-4, key
-    b_norm = sum(float(t.norm()) for k, t in tensors.items() if "lora_B" in k)
-    assert b_norm > 0
+    assert sum(float(t.norm()) for k, t in tensors.items() if "lora_B" in k) > 0
+
+
+# ZeRO-3 and FSDP2 are checked against one process by test_resume_with_two_processes (its unbroken run), which
+# saves two launches of CI time.
+@pytest.mark.parametrize("preset", ["ddp", "zero2"])
+def test_two_processes_train_the_adapter_one_process_trains(preset, one_process, tmp_path, tiny_model_dir, copy_data):
+    if preset != "ddp":
+        pytest.importorskip("deepspeed")
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "run"))
+    out = tmp_path / "run"
+    result = _launch(recipe, preset)
+    if not _finished(out):
+        result = _launch(recipe, preset, "--overwrite")
+    assert _finished(out), result.stderr[-3000:]
+    _check_same_as_one_process(result, out, one_process, preset)
 
 
 # zero2 writes the same DeepSpeed checkpoint as zero3 (which is tested), only unpartitioned. DDP writes the
@@ -119,20 +124,23 @@ def test_two_processes_train_the_adapter_one_process_trains(preset, one_process,
 # test_sigterm_stops_both_processes_at_one_step_with_one_checkpoint_and_resume_finishes (CI time).
 @pytest.mark.parametrize("preset", ["zero3", "fsdp2"])
 def test_resume_with_two_processes(preset, tmp_path, tiny_model_dir, copy_data):
-    """A run stopped after its step-2 checkpoint and resumed gives the adapter of an unbroken run."""
-    if preset != "ddp":
-        pytest.importorskip("deepspeed")
-    sections = {"schedule": "constant", "save_every": 2, "keep_checkpoints": 3}
-    unbroken = write_recipe(
-        tmp_path / "u.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "unbroken", max_steps=6, **sections)
-    )
-    if not (_launch(unbroken, preset) and _finished(tmp_path / "unbroken")):
-        _launch(unbroken, preset, "--overwrite")
-    assert _finished(tmp_path / "unbroken")
+    """The unbroken 2-process run trains what one process trains; a run stopped after its step-2 checkpoint and
+    resumed gives the unbroken run's adapter."""
+    pytest.importorskip("deepspeed")
+    sections = {"schedule": "constant", "save_every": 2, "keep_checkpoints": 3, "max_steps": 6}
+    reference = _recipe(tmp_path, tiny_model_dir, copy_data, "one", **{**sections, "batch_size": PER_DEVICE * WORLD})
+    train(validate_recipe_dict(reference, "one.yaml"))
+    unbroken = write_recipe(tmp_path / "u.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "unbroken", **sections))
+    result = _launch(unbroken, preset)
+    if not _finished(tmp_path / "unbroken"):
+        result = _launch(unbroken, preset, "--overwrite")
+    assert _finished(tmp_path / "unbroken"), result.stderr[-3000:]
+    _check_same_as_one_process(result, tmp_path / "unbroken", tmp_path / "one", preset)
     # The first run ends at step 4 (its checkpoints: steps 2 and 4 is the end, so only 2); resuming with 6 steps
     # continues from step 2, as after a crash between steps 2 and 4.
     broken = write_recipe(
-        tmp_path / "b.yaml", _recipe(tmp_path, tiny_model_dir, copy_data, "broken", max_steps=4, **sections)
+        tmp_path / "b.yaml",
+        _recipe(tmp_path, tiny_model_dir, copy_data, "broken", **{**sections, "max_steps": 4}),
     )
     first = _launch(broken, preset)
     assert _finished(tmp_path / "broken"), first.stderr[-3000:]
@@ -400,7 +408,9 @@ def test_sigterm_stops_both_processes_at_one_step_with_one_checkpoint_and_resume
     assert logged == list(range(1, steps + 1))
 
 
-@pytest.mark.parametrize("preset", ["ddp", "zero2", "zero3", "fsdp2"])
+# ZeRO-2 splits the pairs as DDP does and keeps a whole model on each process, so its reference is live as under
+# DDP: nothing of its own to check here (left out for CI time).
+@pytest.mark.parametrize("preset", ["ddp", "zero3", "fsdp2"])
 def test_dpo_on_two_processes_equals_one_process(preset, tmp_path, tiny_model_dir, copy_data):
     """A preference run: each process holds its pairs whole (chosen and rejected rows together), and the
     reference (the starting adapter swapped in) is the same on every process. Under ZeRO-3 and FSDP2 the

@@ -116,7 +116,7 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients_on_smollm2(tmp_path,
     data = cache_dir() / "data" / "gsm8k" / "train.jsonl"
     recipe = make_recipe(tmp_path, base, data, data={"validation": None, "max_length": 512})
     recipe["data"]["train"]["columns"] = {"prompt": "question", "completion": "answer"}
-    examples, pad_id = _examples(recipe, 5)
+    examples, pad_id = _examples(recipe, 3)
     model = _adapted(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), target_modules=["q_proj", "v_proj"]
     )
