@@ -240,7 +240,7 @@ def test_a_file_that_reads_back_wrong_is_not_published(exported, tmp_path, monke
     assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["a.gguf"]
 
 
-def test_another_method_converts_by_svd_when_asked(tiny_model_dir, tmp_path, one_torch_thread, capsys):
+def test_another_method_converts_by_svd_when_asked(exported, tiny_model_dir, tmp_path, one_torch_thread, capsys):
     """LoHa at full rank through --rank: the SVD conversion of --format lora, then the GGUF adapter, which llama.cpp
     runs like transformers runs base + LoHa."""
     from peftcli.cli.export import _export_gguf_lora
@@ -251,7 +251,7 @@ def test_another_method_converts_by_svd_when_asked(tiny_model_dir, tmp_path, one
     printed = capsys.readouterr().out
     assert "converted loha to LoRA (rank 64)" in printed and "-> " + str(out) in printed
     assert gguf.GGUFReader(out).fields["general.name"].contents() == run.name
-    base_gguf = write_gguf(tiny_model_dir, tmp_path / "gguf" / "base.gguf", "f32")
+    base_gguf = exported[1]
     model, prompts = _hf(tiny_model_dir, run), _prompts(2)
     with llama_server(base_gguf, (out,)) as post:
         for prompt in prompts:
