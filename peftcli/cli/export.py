@@ -1,4 +1,5 @@
-"""`peft export DIR --format safetensors|peft|gguf|lora`: what people deploy, from a run or a model directory."""
+"""`peft export DIR --format safetensors|peft|gguf|lora|gguf-lora`: what people deploy, from a run or a model
+directory."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from peftcli.cli.merge import (
 )
 
 DEFAULT_RANK = 16  # peftcli.export.as_lora.DEFAULT_RANK, repeated so that --help does not import torch
+FORMATS = ("safetensors", "peft", "gguf", "lora", "gguf-lora")
 
 
 def export(
@@ -24,36 +26,43 @@ def export(
         ...,
         "--format",
         "-f",
-        help="safetensors (merged model) | peft (adapter) | gguf | lora (any mergeable adapter as plain LoRA, by SVD).",
+        help="safetensors (merged model) | peft (adapter) | gguf | lora (any mergeable adapter as plain LoRA, by "
+        "SVD) | gguf-lora (a LoRA adapter as the GGUF adapter llama.cpp loads beside the base's GGUF: --lora).",
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory, or file for gguf."),
-    quant: str = typer.Option("f16", "--quant", help="gguf: f32 | f16 | bf16 | q8_0."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output directory, or file for gguf(-lora)."),
+    quant: str | None = typer.Option(
+        None, "--quant", help="gguf: f32 | f16 | bf16 | q8_0 (default f16); gguf-lora: the same (default f32)."
+    ),
     dtype: str = typer.Option("bf16", "--dtype", help="safetensors: dtype of the merged weights (bf16|fp16|fp32)."),
     base: str | None = typer.Option(None, "--base", help="Base model directory (default: the run's recipe)."),
     max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="safetensors: largest shard, e.g. 2GB."),
     rank: int | None = typer.Option(
-        None, "--rank", help=f"lora: one rank for every layer (default {DEFAULT_RANK}; vLLM needs one rank)."
+        None,
+        "--rank",
+        help=f"lora: one rank for every layer (default {DEFAULT_RANK}; vLLM needs one rank). gguf-lora: convert by "
+        "SVD first, as lora does (needed for methods other than plain LoRA, and DoRA).",
     ),
     energy: float | None = typer.Option(
         None,
         "--energy",
-        help="lora: per layer, the smallest rank keeping this share of the squared singular values, e.g. 0.99 "
-        "(ranks may differ: rank_pattern).",
+        help="lora, gguf-lora: per layer, the smallest rank keeping this share of the squared singular values, "
+        "e.g. 0.99 (ranks may differ: rank_pattern).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     verify: bool = typer.Option(
         True,
         "--verify/--no-verify",
         help="safetensors: before publishing, compare the merged model's logits with base + adapter (both fp32) "
-        "and fail beyond what the dtype's rounding explains. peft and lora always read back what they wrote.",
+        "and fail beyond what the dtype's rounding explains. gguf-lora: read the file back, every factor within "
+        "its type's rounding. peft and lora always read back what they wrote.",
     ),
 ) -> None:
     """Export a trained adapter (or a model) for deployment."""
     from peftcli.errors import PeftCliError
 
     check_dtype(dtype)
-    if fmt != "lora" and (rank is not None or energy is not None):
-        raise PeftCliError("--rank and --energy apply to --format lora only")
+    if fmt not in ("lora", "gguf-lora") and (rank is not None or energy is not None):
+        raise PeftCliError("--rank and --energy apply to --format lora and gguf-lora only")
     is_adapter = (source / "adapter_config.json").is_file()
     if not is_adapter:
         refuse_unfinished_run(source)
@@ -65,11 +74,13 @@ def export(
     elif fmt == "peft":
         _export_peft(source, output or default_output(source, "peft"), overwrite, is_adapter)
     elif fmt == "gguf":
-        _export_gguf(source, output, quant, base, overwrite, is_adapter)
+        _export_gguf(source, output, quant or "f16", base, overwrite, is_adapter)
     elif fmt == "lora":
         _export_lora(source, output, rank, energy, base, overwrite, is_adapter)
+    elif fmt == "gguf-lora":
+        _export_gguf_lora(source, output, quant or "f32", rank, energy, base, overwrite, verify, is_adapter)
     else:
-        raise PeftCliError(f"--format: {fmt!r} is not one of safetensors, peft, gguf, lora")
+        raise PeftCliError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
 def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) -> None:
@@ -127,6 +138,13 @@ def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_a
     output = output or default_output(source, "lora")
     clean_before_writing(output)
     result = convert_to_lora(source, output, rank=rank, energy=energy, base=base, overwrite=overwrite)
+    _report_conversion(result)
+    typer.echo(f"wrote the LoRA adapter (HF PEFT format; per-layer table in {REPORT_NAME}) -> {output}")
+    _warn_for_servers(output)
+
+
+def _report_conversion(result) -> None:
+    """What the SVD conversion kept: ranks, the per-layer error, the probe's logit difference."""
     for note in result.notes:
         typer.echo(f"note: {note}")
     ranks = result.ranks
@@ -139,5 +157,64 @@ def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_a
         f"probe logits, base + LoRA vs base + original adapter: max |diff| {result.probe_max_abs:.3g} "
         f"({result.probe_relative:.3g} of the largest logit)"
     )
-    typer.echo(f"wrote the LoRA adapter (HF PEFT format; per-layer table in {REPORT_NAME}) -> {output}")
-    _warn_for_servers(output)
+
+
+def _export_gguf_lora(source: Path, output, quant: str, rank, energy, base, overwrite, verify, is_adapter) -> None:
+    """A LoRA adapter as llama.cpp's GGUF adapter; other methods (and DoRA) through the SVD conversion first,
+    which must be asked for (--rank/--energy): it approximates, and says by how much."""
+    import tempfile
+
+    from peftcli.errors import PeftCliError
+    from peftcli.export.gguf_lora import check_adapter, check_type, write_gguf_lora
+
+    if not is_adapter:
+        raise PeftCliError(f"{source}: no adapter_config.json; --format gguf-lora exports a run's adapter")
+    check_type(quant)
+    output = output or source.parent / f"{source.resolve().name}-lora-{quant}.gguf"
+    clean_before_writing(output)
+    if output.exists() and not overwrite:
+        raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
+    if rank is None and energy is None:
+        check_adapter(source)
+        result = write_gguf_lora(source, output, quant, base=base, overwrite=overwrite, verify=verify)
+    else:
+        from peftcli.export.as_lora import check_method, check_request, convert_to_lora
+        from peftcli.tuners.adapter import read_adapter_config
+
+        check_request(rank, energy)
+        check_method(read_adapter_config(source)[0])
+        with tempfile.TemporaryDirectory(prefix="peft-gguf-lora-") as tmp:
+            conversion = convert_to_lora(source, Path(tmp) / "lora", rank=rank, energy=energy, base=base)
+            if conversion.modules_to_save:
+                raise PeftCliError(
+                    f"{source}: the method replaces whole modules ({', '.join(conversion.modules_to_save[:3])}), "
+                    "which llama.cpp's LoRA adapter cannot carry; export the merged model instead (--format gguf)"
+                )
+            _report_conversion(conversion)
+            result = write_gguf_lora(
+                Path(tmp) / "lora",
+                output,
+                quant,
+                base=base or conversion.base,
+                overwrite=overwrite,
+                verify=verify,
+                metadata_name=source.resolve().name,
+            )
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    ranks = result.ranks
+    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    if verify and result.worst_ratio == 0:
+        typer.echo(f"verify: read back all {2 * result.pairs} factors, equal to the adapter's")
+    elif verify:
+        typer.echo(
+            f"verify: read back all {2 * result.pairs} factors, each within its storage type's rounding of the "
+            f"adapter's values (the largest difference is {result.worst_ratio:.2f} of that bound)"
+        )
+    typer.echo(
+        f"wrote the LoRA adapter as a llama.cpp GGUF adapter ({quant}, {result.architecture}, alpha "
+        f"{result.alpha:g}, {shown}, {result.pairs} weights) -> {output}"
+    )
+    typer.echo(
+        f"use it beside the base's GGUF (peft export BASE_DIR --format gguf): llama-server -m BASE.gguf --lora {output}"
+    )

@@ -351,14 +351,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[list[_Tensor], int]:
     """Every output tensor with name, shape and type, from the HF tensor shapes; also the vocab size."""
-    n_layers = config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
     arch = _llama_cpp_arch(config)
-    names = gguf.get_tensor_name_map(arch, n_layers)
-    rotate_pairs = arch == gguf.MODEL_ARCH.LLAMA
+    names = tensor_names(config)
     gemma = arch in GEMMA_ARCHS
-    tied = config.get("tie_word_embeddings", gemma)  # Gemma configs tie by default
+    tied = ties_embeddings(config)
     if gemma and not tied and "lm_head.weight" in shapes and arch != gguf.MODEL_ARCH.GEMMA3:
         raise PeftCliError(
             f"{where}: llama.cpp's {arch.name.lower()} always uses the input embedding as the output head, but this "
@@ -373,9 +369,7 @@ def _plan_tensors(shapes: dict, config: dict, quant: str, where: str) -> tuple[l
         if name is None:
             unknown.append(source)
             continue
-        permute = 0
-        if rotate_pairs and name.endswith(".weight"):
-            permute = kv_heads if ".attn_k." in name else heads if ".attn_q." in name else 0
+        permute = rope_permuted_heads(config, name)
         shift = 1.0 if gemma and source.endswith("norm.weight") else 0.0
         tensors.append(_Tensor(name, tuple(shape), _storage_type(shape, quant), source, permute, shift))
     if unknown:
@@ -412,11 +406,42 @@ def _load(t: _Tensor, read) -> np.ndarray:
     if t.shift:
         array = array + np.float32(t.shift)
     if t.heads:
-        # HF rotates the two halves of each head against each other; llama.cpp rotates adjacent pairs.
-        # Interleaving the halves row-wise makes the two agree (transformers undoes this on GGUF load).
-        rows = array.shape[0]
-        array = array.reshape(t.heads, 2, rows // t.heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        array = permute_rows(array, t.heads)
     return np.ascontiguousarray(array)
+
+
+def permute_rows(array: np.ndarray, heads: int) -> np.ndarray:
+    """The rows (output features) of a q_proj/k_proj weight, or of a LoRA B on one, in llama.cpp's rope order.
+
+    HF rotates the two halves of each head against each other; llama.cpp rotates adjacent pairs. Interleaving
+    the halves row-wise makes the two agree (transformers undoes this on GGUF load). A row permutation P of the
+    weight is one of any update B·A added to it, P(W + B·A) = PW + (PB)·A, so an adapter's B takes the same one.
+    """
+    rows = array.shape[0]
+    return array.reshape(heads, 2, rows // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+
+
+def tensor_names(config: dict) -> gguf.TensorNameMap:
+    """HF tensor (or module) name -> llama.cpp tensor name, for this model's architecture and depth."""
+    return gguf.get_tensor_name_map(_llama_cpp_arch(config), config["num_hidden_layers"])
+
+
+def ties_embeddings(config: dict) -> bool:
+    """Whether the GGUF has no output.weight (llama.cpp then reuses token_embd); Gemma configs tie by default."""
+    return config.get("tie_word_embeddings", _llama_cpp_arch(config) in GEMMA_ARCHS)
+
+
+def rope_permuted_heads(config: dict, gguf_name: str) -> int:
+    """The head count whose rows `permute_rows` reorders for the GGUF tensor `gguf_name` (0: written as is).
+
+    Only llama.cpp's "llama" graph rotates adjacent pairs; Qwen2/Qwen3/Gemma rotate halves as HF does.
+    """
+    if _llama_cpp_arch(config) != gguf.MODEL_ARCH.LLAMA or not gguf_name.endswith(".weight"):
+        return 0
+    heads = config["num_attention_heads"]
+    if ".attn_q." in gguf_name:
+        return heads
+    return config.get("num_key_value_heads") or heads if ".attn_k." in gguf_name else 0
 
 
 def _encode(array: np.ndarray, t: _Tensor) -> np.ndarray:

@@ -299,11 +299,17 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def llama_server(model_file: Path):
-    """llama.cpp's HTTP server on 127.0.0.1 with `model_file`; yields call(path, body=None) -> JSON reply."""
+def llama_server(model_file: Path, loras: tuple[Path, ...] = ()):
+    """llama.cpp's HTTP server on 127.0.0.1 with `model_file`; yields call(path, body=None) -> JSON reply.
+
+    `loras`: GGUF LoRA adapters (`llama-server --lora`), loaded at scale 0; a request applies them with
+    "lora": [{"id": index, "scale": s}, ...].
+    """
     xllamacpp = pytest.importorskip("xllamacpp")
     params = xllamacpp.CommonParams()
     params.model.path = str(model_file)
+    params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(path), 0.0) for path in loras]
+    params.lora_init_without_apply = True
     params.n_ctx = 512
     params.n_parallel = 1
     # one thread: on a busy 2-core runner more threads are far slower
