@@ -106,7 +106,8 @@ def test_axolotl_llama3_qlora(staged):
     first, hub = recipe.data.train
     assert first.path.endswith("configs/data/alpaca.jsonl") and Path(first.path).is_absolute()
     assert (first.format, hub.path) == ("alpaca", "teknium/GPT4-LLM-Cleaned")
-    assert recipe.data.validation.fraction == 0.1 and recipe.training.eval_at_start is False
+    # evals_per_epoch: Axolotl evaluates, and so also before the first step (eval_on_start)
+    assert recipe.data.validation.fraction == 0.1 and recipe.training.eval_at_start is True
     assert (recipe.data.max_length, recipe.data.packing, recipe.data.mask_prompt) == (2048, True, True)
     training = recipe.training
     assert (training.epochs, training.batch_size, training.gradient_accumulation) == (1.0, 2, 4)
@@ -119,6 +120,7 @@ def test_axolotl_llama3_qlora(staged):
     assert recipe.output.dir == "./outputs/qlora-out"
     # defaults of Axolotl / HF made explicit
     assert (training.seed, training.max_grad_norm, recipe.data.group_by_length) == (42, 1.0, False)
+    assert training.keep_checkpoints == 4  # Axolotl's save_total_limit when unset
     assert "hub dataset" in unmapped["datasets[1].path"] and "local" in unmapped["datasets[1].path"]
     for key in ("special_tokens", "evals_per_epoch", "saves_per_epoch", "lora_target_modules", "datasets[0].type"):
         assert key in unmapped
@@ -151,6 +153,7 @@ def test_axolotl_lora_on_chat_data(staged):
     assert recipe.data.max_length == 4096 and training.batch_size == 4 and training.gradient_accumulation == 2
     assert "neftune_noise_alpha" in unmapped
     assert ("training.warmup_ratio", 0.03) in [(k, v) for k, v, _ in result.defaults]
+    assert training.eval_at_start is True  # eval_steps with validation data: Axolotl's eval_on_start
 
 
 def test_axolotl_deepspeed_completion(staged):
@@ -170,6 +173,34 @@ def test_axolotl_deepspeed_completion(staged):
     )
     assert (training.epochs, training.batch_size, training.gradient_accumulation) == (3.0, 1, 1)
     assert unmapped["gradient_checkpointing_kwargs"].startswith("no effect in peftcli:")
+    assert "every epoch" in unmapped["save_steps"]  # no save setting: Axolotl checkpoints each epoch
+
+
+@pytest.mark.parametrize(
+    "extra, quantized, noted",
+    [
+        ("adapter: qlora\nload_in_4bit: true\n", 4, None),
+        ("adapter: lora\nload_in_4bit: true\n", None, "load_in_4bit"),  # 4-bit only with qlora
+        ("adapter: lora\nload_in_8bit: true\n", 8, None),
+    ],
+)
+def test_axolotl_quantizes_as_its_model_loader_does(tmp_path, extra, quantized, noted):
+    data = write_jsonl(tmp_path / "pc.jsonl", copy_task(2))
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"base_model: m\n{extra}learning_rate: 0.001\nlora_target_linear: true\n"
+        f"datasets:\n  - path: {data}\n    type: completion\n",
+        encoding="utf-8",
+    )
+    result = import_config(config)
+    quant = result.recipe["model"].get("quantization")
+    assert (quant or {}).get("bits") == quantized
+    unmapped = {item.key: item.reason for item in result.unmapped}
+    if noted:
+        assert "only with adapter qlora" in unmapped[noted]
+    # lora_r and lora_alpha unset: Axolotl hands None to HF PEFT; the recipe states peftcli's values
+    assert (result.recipe["method"]["r"], result.recipe["method"]["alpha"]) == (8, 16)
+    assert "refuses" in unmapped["lora_r"] and "refuses" in unmapped["lora_alpha"]
 
 
 def test_axolotl_fsdp_qlora(staged):
