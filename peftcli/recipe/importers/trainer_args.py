@@ -223,6 +223,11 @@ def _saving(conv: Converter, default: int, why: str) -> None:
         conv.note("save_strategy", f"{strategy}: peftcli checkpoints every training.save_every steps; set it")
     if conv.has("save_total_limit"):
         conv.put("training.keep_checkpoints", int(conv.take("save_total_limit")))
+    elif conv.get("training.save_every"):
+        conv.note(
+            "save_total_limit",
+            "unset: the HF Trainer keeps every checkpoint; peftcli keeps the newest training.keep_checkpoints (2)",
+        )
 
 
 def _trackers(conv: Converter) -> None:
