@@ -64,6 +64,8 @@ class Converter:
         self.defaults: list[tuple[str, Any, str]] = []
         self.recipe: dict[str, Any] = {"model": {}, "method": {}, "data": {}, "training": {}, "output": {}}
         self.sources: list[dict] = []  # training sources, put in data.train by finish_sources
+        # DeepSpeed configs a tool names instead of a file: name -> (config, its description)
+        self.deepspeed_builtin: dict[str, tuple[dict, str]] = {}
 
     # --- reading source keys ---
     def has(self, key: str) -> bool:
@@ -112,7 +114,7 @@ class Converter:
 
     def no_effect(self, key: str, reason: str) -> None:
         """A key peftcli has no use for: listed when the source sets it, with why it does not matter."""
-        if self.has(key):  # an empty key is left for finish(), which lists it as empty
+        if self.has(key) and key not in {item.key for item in self.unmapped}:  # an empty key: listed by finish()
             self.used.add(key)
             self.unmapped.append(Unmapped(key, f"no effect in peftcli: {reason}"))
 
@@ -180,6 +182,9 @@ class Converter:
         value = self.take(key)
         if value is None or value is False:
             return
+        if config is None and isinstance(value, str) and value in self.deepspeed_builtin:
+            config, builtin = self.deepspeed_builtin[value]
+            where = f"{self.tool}'s built-in {builtin}"
         if config is not None:
             pass
         elif isinstance(value, dict):

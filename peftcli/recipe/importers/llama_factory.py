@@ -64,6 +64,8 @@ _NOT_SUPPORTED = {
 
 def detect_score(data: dict) -> int:
     """How strongly the keys say LLaMA-Factory (0: not at all)."""
+    if "model" in data or "tuner_type" in data or "train_type" in data:
+        return 0  # ms-swift's and Oumi's keys (LLaMA-Factory names its model model_name_or_path)
     marks = (
         "finetuning_type",
         "stage",
