@@ -496,6 +496,107 @@ def test_ms_swift_hub_datasets_keep_their_sample_counts(tmp_path):
     assert result.recipe["launch"] == {"preset": "zero2"} and "offload" in unmapped["deepspeed"]
 
 
+# --- Oumi ----------------------------------------------------------------------------------------------------------
+
+
+def test_oumi_lora(staged):
+    result, recipe, unmapped = imported(staged, "oumi", "llama3_1_8b_lora.yaml")
+    assert set(unmapped) == {
+        "model.load_pretrained_weights",
+        "model.enable_liger_kernel",
+        "training.gradient_checkpointing_kwargs",
+        "training.include_performance_metrics",
+        "training.dataloader_num_workers",
+        "training.dataloader_prefetch_factor",
+        "training.ddp_find_unused_parameters",
+        "training.empty_device_cache_steps",
+        "training.save_steps",  # Oumi keeps every checkpoint
+    }
+    assert (recipe.data.train.format, recipe.data.validation.format) == ("alpaca", "chat")
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.target_modules) == (8, 16, 0.0, ["q_proj", "v_proj"])
+    assert (recipe.model.dtype, recipe.model.attn_implementation, recipe.model.trust_remote_code) == (
+        "bf16",
+        "sdpa",
+        True,
+    )
+    training = recipe.training
+    assert (training.batch_size, training.gradient_accumulation, training.learning_rate) == (2, 32, 3e-4)
+    assert (training.schedule, training.warmup_steps, training.weight_decay) == ("cosine", 100, 0.01)
+    assert (training.eval_every, training.save_every, training.log_every) == (25, 50, 100)
+    assert training.report_to == ["wandb"] and recipe.data.max_length == 8192
+    assert defaults_of(result) == {
+        "method.dropout": 0.0,
+        "data.mask_prompt": False,  # Oumi's loss covers every token without the completions collator
+        "data.packing": False,
+        "training.seed": 42,
+        "training.max_grad_norm": 1.0,
+        "training.precision": "fp32",  # mixed_precision_dtype none: no autocast
+        "training.eval_at_start": False,
+    }
+
+
+def test_oumi_qlora_fsdp_mix(staged):
+    result, recipe, unmapped = imported(staged, "oumi", "llama3_2_3b_qlora_fsdp.yaml")
+    assert set(unmapped) == {
+        "model.chat_template",  # a named Oumi template
+        "data.train.datasets[0].sample_count",  # shuffled before sampling
+        "data.train.datasets[1].dataset_name",  # Oumi's Alpaca prompt; a hub dataset
+        "data.train.seed",
+        "training.save_steps",
+        "fsdp.enable_fsdp",
+    }
+    chat, alpaca = recipe.data.train
+    assert (chat.format, chat.weight, chat.max_samples) == ("chat", 0.7, 1000)
+    assert (alpaca.path, alpaca.format, alpaca.weight) == ("yahma/alpaca-cleaned", "alpaca", 0.3)
+    assert recipe.data.mask_prompt is True  # text_completions_only_with_padding, all assistant turns
+    quant = recipe.model.quantization
+    assert (quant.bits, quant.quant_type, quant.double_quant, quant.compute_dtype, quant.storage_dtype) == (
+        4,
+        "nf4",
+        False,
+        "bf16",
+        "bf16",
+    )
+    assert recipe.launch.preset == "fsdp2"
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, len(method.target_modules)) == (64, 128, 0.05, 6)
+    training = recipe.training
+    assert (training.max_steps, training.batch_size, training.activation_checkpointing) == (2000, 16, True)
+    assert training.report_to == ["tensorboard"] and training.tracking.run_name == "llama3b-qlora-fsdp"
+    defaults = defaults_of(result)
+    assert defaults["data.max_length"] == 1024  # TRL's max_length: no model_max_length
+    assert defaults["model.quantization.double_quant"] is False and defaults["training.gradient_accumulation"] == 1
+
+
+def test_oumi_full_deepspeed(staged):
+    result, recipe, unmapped = imported(staged, "oumi", "qwen3_full_deepspeed.yaml")
+    assert set(unmapped) == {
+        "data.train.datasets[1].dataset_name",  # fineweb-edu: not an SFT dataset class, left out
+        "training.lr_scheduler_type",  # cosine_with_min_lr
+        "training.lr_scheduler_kwargs",
+        "training.save_epoch",
+        "training.save_final_model",
+        "deepspeed.enable_deepspeed",
+        "deepspeed.precision",
+    }
+    assert recipe.method.name == "full" and recipe.data.train.format == "alpaca"
+    assert recipe.data.max_length == 4096  # ${model.model_max_length}, resolved
+    assert (
+        recipe.launch.preset == "zero3_offload"
+        and "offload_optimizer and offload_param" in unmapped["deepspeed.enable_deepspeed"]
+    )
+    training = recipe.training
+    assert (training.precision, training.max_grad_norm, training.schedule) == ("bf16", None, "cosine")
+    assert (training.epochs, training.learning_rate, training.save_every) == (2.0, 5e-6, None)
+    assert defaults_of(result) == {
+        "data.mask_prompt": False,
+        "data.packing": False,
+        "training.seed": 42,
+        "training.weight_decay": 0.0,
+    }
+
+
 @pytest.mark.parametrize(
     "name, text, expected",
     [
@@ -506,9 +607,30 @@ def test_ms_swift_hub_datasets_keep_their_sample_counts(tmp_path):
         ),
         ("swift.yaml", "model: Qwen/Qwen2.5-0.5B\ntuner_type: vera\ndataset: [data/odd.jsonl]\n", "tuner_type vera"),
         ("swift.yaml", "model: Qwen/Qwen2.5-0.5B\nrlhf_type: dpo\ndataset: [x]\n", "rlhf_type dpo"),
+        (
+            "oumi.yaml",
+            "model: {model_name: m}\ntraining: {trainer_type: TRL_DPO}\n",
+            "training.trainer_type TRL_DPO: only supervised fine-tuning",
+        ),
+        (
+            "oumi.yaml",
+            "model: {model_name: m}\ntraining: {use_peft: true}\npeft: prefix_tuning\n",
+            "peft: a section (mapping) of LoRA settings",
+        ),
+        (
+            "oumi.yaml",
+            "model: {model_name: m}\ndata: {train: {datasets: [{dataset_name: text_sft, "
+            "dataset_path: data/odd.jsonl}]}}\ntraining: {trainer_type: TRL_SFT}\n",
+            "data/odd.jsonl: unknown dataset format (columns bar, foo)",
+        ),
+        (
+            "oumi.yaml",
+            "model: {model_name: m, torch_dtype_str: bfloat16}\ntraining: {mixed_precision_dtype: BF16}\n",
+            "needs model.torch_dtype_str float32",
+        ),
     ],
 )
-def test_bad_ms_swift_configs_exit_2_with_one_line(tmp_path, name, text, expected):
+def test_bad_ms_swift_and_oumi_configs_exit_2_with_one_line(tmp_path, name, text, expected):
     write_jsonl(tmp_path / "data" / "odd.jsonl", [{"foo": 1, "bar": 2}])
     config = tmp_path / name
     config.write_text(text, encoding="utf-8")
@@ -518,13 +640,16 @@ def test_bad_ms_swift_configs_exit_2_with_one_line(tmp_path, name, text, expecte
     assert str(config) in lines[0] and expected in lines[0], lines[0]
 
 
-def test_detection_tells_ms_swift_from_the_flat_tools(tmp_path):
+def test_detection_tells_ms_swift_and_oumi_from_the_flat_tools(tmp_path):
     data = write_jsonl(tmp_path / "pc.jsonl", copy_task(2))
     cases = {
         # ms-swift shares lora_rank and template with LLaMA-Factory and the HF keys with TRL; `model` is its own
         "ms-swift": f"model: m\nlora_rank: 8\ntemplate: qwen\nper_device_train_batch_size: 2\ndataset: [{data}]\n",
+        "oumi": f"model: {{model_name: m}}\ndata: {{train: {{datasets: [{{dataset_name: text_sft, dataset_path: "
+        f"{tmp_path / 'chat.jsonl'}}}]}}}}\ntraining: {{output_dir: out, learning_rate: 0.001}}\n",
         "hf": f"model_name_or_path: m\ndataset_name: {data}\nper_device_train_batch_size: 2\nlora_r: 8\n",
     }
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
     for tool, text in cases.items():
         config = tmp_path / f"{tool}.yaml"
         config.write_text(text, encoding="utf-8")
