@@ -74,12 +74,12 @@ def import_recipe(
         None,
         "--from",
         metavar="TOOL",
-        help="axolotl, llama-factory or hf (a flat file of HF TrainingArguments and TRL keys). "
+        help="axolotl, llama-factory, hf (a flat file of HF TrainingArguments and TRL keys), ms-swift or oumi. "
         "Default: detected from the keys.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
-    """Convert an Axolotl, LLaMA-Factory or HF TrainingArguments config into a recipe.
+    """Convert an Axolotl, LLaMA-Factory, HF TrainingArguments/TRL, ms-swift or Oumi config into a recipe.
 
     Every source key that is not carried over is printed as `key: reason` and written as a comment at the top
     of the recipe; where the source tool's default differs from peftcli's, the recipe states the source's

@@ -57,6 +57,13 @@ def write_data(root: Path) -> None:
         },
     }
     (data / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    # ms-swift: alpaca rows, self-cognition query/response rows, OpenAI-style chats
+    for name in ("alpaca_gpt4_zh.jsonl", "alpaca_gpt4_en.jsonl"):
+        write_jsonl(data / name, ALPACA)
+    write_jsonl(data / "self_cognition.jsonl", [{"query": "Who are you?", "response": "I am {{NAME}}."}])
+    write_jsonl(data / "chat_openai.jsonl", [{"messages": CHAT}])
+    write_jsonl(data / "chat_eval.jsonl", [{"messages": CHAT}])
+    write_jsonl(data / "qa.jsonl", [{"system": "Be brief.", "query": "2+2?", "response": "4"}])
     for name, stage in (("deepspeed_configs/zero2.json", 2), ("examples/deepspeed/ds_z3_config.json", 3)):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +113,8 @@ def test_axolotl_llama3_qlora(staged):
     first, hub = recipe.data.train
     assert first.path.endswith("configs/data/alpaca.jsonl") and Path(first.path).is_absolute()
     assert (first.format, hub.path) == ("alpaca", "teknium/GPT4-LLM-Cleaned")
-    assert recipe.data.validation.fraction == 0.1 and recipe.training.eval_at_start is False
+    # evals_per_epoch: Axolotl evaluates, and so also before the first step (eval_on_start)
+    assert recipe.data.validation.fraction == 0.1 and recipe.training.eval_at_start is True
     assert (recipe.data.max_length, recipe.data.packing, recipe.data.mask_prompt) == (2048, True, True)
     training = recipe.training
     assert (training.epochs, training.batch_size, training.gradient_accumulation) == (1.0, 2, 4)
@@ -119,6 +127,7 @@ def test_axolotl_llama3_qlora(staged):
     assert recipe.output.dir == "./outputs/qlora-out"
     # defaults of Axolotl / HF made explicit
     assert (training.seed, training.max_grad_norm, recipe.data.group_by_length) == (42, 1.0, False)
+    assert training.keep_checkpoints == 4  # Axolotl's save_total_limit when unset
     assert "hub dataset" in unmapped["datasets[1].path"] and "local" in unmapped["datasets[1].path"]
     for key in ("special_tokens", "evals_per_epoch", "saves_per_epoch", "lora_target_modules", "datasets[0].type"):
         assert key in unmapped
@@ -151,6 +160,7 @@ def test_axolotl_lora_on_chat_data(staged):
     assert recipe.data.max_length == 4096 and training.batch_size == 4 and training.gradient_accumulation == 2
     assert "neftune_noise_alpha" in unmapped
     assert ("training.warmup_ratio", 0.03) in [(k, v) for k, v, _ in result.defaults]
+    assert training.eval_at_start is True  # eval_steps with validation data: Axolotl's eval_on_start
 
 
 def test_axolotl_deepspeed_completion(staged):
@@ -170,6 +180,34 @@ def test_axolotl_deepspeed_completion(staged):
     )
     assert (training.epochs, training.batch_size, training.gradient_accumulation) == (3.0, 1, 1)
     assert unmapped["gradient_checkpointing_kwargs"].startswith("no effect in peftcli:")
+    assert "every epoch" in unmapped["save_steps"]  # no save setting: Axolotl checkpoints each epoch
+
+
+@pytest.mark.parametrize(
+    "extra, quantized, noted",
+    [
+        ("adapter: qlora\nload_in_4bit: true\n", 4, None),
+        ("adapter: lora\nload_in_4bit: true\n", None, "load_in_4bit"),  # 4-bit only with qlora
+        ("adapter: lora\nload_in_8bit: true\n", 8, None),
+    ],
+)
+def test_axolotl_quantizes_as_its_model_loader_does(tmp_path, extra, quantized, noted):
+    data = write_jsonl(tmp_path / "pc.jsonl", copy_task(2))
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"base_model: m\n{extra}learning_rate: 0.001\nlora_target_linear: true\n"
+        f"datasets:\n  - path: {data}\n    type: completion\n",
+        encoding="utf-8",
+    )
+    result = import_config(config)
+    quant = result.recipe["model"].get("quantization")
+    assert (quant or {}).get("bits") == quantized
+    unmapped = {item.key: item.reason for item in result.unmapped}
+    if noted:
+        assert "only with adapter qlora" in unmapped[noted]
+    # lora_r and lora_alpha unset: Axolotl hands None to HF PEFT; the recipe states peftcli's values
+    assert (result.recipe["method"]["r"], result.recipe["method"]["alpha"]) == (8, 16)
+    assert "refuses" in unmapped["lora_r"] and "refuses" in unmapped["lora_alpha"]
 
 
 def test_axolotl_fsdp_qlora(staged):
@@ -323,6 +361,299 @@ def test_trainer_arguments_json(staged):
     assert recipe.data.mask_prompt is False  # the plain HF Trainer's loss covers every token
     assert unmapped["logging_dir"].startswith("no effect in peftcli:")
     assert ("training.epochs", 3.0) in [(k, v) for k, v, _ in result.defaults]
+
+
+def defaults_of(result) -> dict:
+    """The source defaults an import wrote out, by recipe key."""
+    return {key: value for key, value, _ in result.defaults}
+
+
+# --- ms-swift ------------------------------------------------------------------------------------------------------
+
+
+def test_ms_swift_lora_sft(staged):
+    result, recipe, unmapped = imported(staged, "ms-swift", "lora_sft.yaml")
+    assert set(unmapped) == {
+        "model",  # a ModelScope id
+        "model (remote code)",
+        "dataset[0] (format)",  # alpaca rows: instruction and input joined differently
+        "dataset[1] (format)",
+        "truncation_strategy",  # unset: ms-swift drops long rows
+        "model_name",
+        "model_author",
+        "per_device_eval_batch_size",
+        "dataloader_num_workers",
+        "dataset_num_proc",
+        "add_version",
+    }
+    zh, en, cognition = recipe.data.train  # each #500 is a seeded sample of 500 rows, as ms-swift samples
+    assert (zh.format, en.format, zh.samples, cognition.samples) == ("alpaca", "alpaca", 500, 500)
+    assert (cognition.format, cognition.columns) == ("prompt_completion", {"prompt": "query", "completion": "response"})
+    assert {source.system_prompt for source in recipe.data.train} == {"You are a helpful assistant."}
+    assert recipe.data.validation.fraction == 0.01 and recipe.data.max_length == 2048
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.target_modules) == (8, 32, 0.05, "all-linear")
+    training = recipe.training
+    assert (training.epochs, training.batch_size, training.gradient_accumulation) == (1.0, 1, 16)
+    assert (training.learning_rate, training.warmup_ratio, training.log_every) == (1e-4, 0.05, 5)
+    assert (training.eval_every, training.save_every, training.keep_checkpoints) == (50, 50, 2)
+    assert recipe.model.dtype == "bf16" and recipe.output.dir == "output"
+    # ms-swift's own defaults, stated: cosine, weight decay 0.1, AdamW beta2 0.95, activation checkpointing,
+    # bf16 mixed precision for a bf16 model, every assistant turn trained
+    assert defaults_of(result) == {
+        "method.dropout": 0.05,
+        "data.packing": False,
+        "data.mask_prompt": True,
+        "data.group_by_length": False,
+        "training.schedule": "cosine",
+        "training.weight_decay": 0.1,
+        "training.max_grad_norm": 1.0,
+        "training.seed": 42,
+        "training.betas": [0.9, 0.95],
+        "training.precision": "bf16",
+        "training.activation_checkpointing": True,
+        "training.eval_at_start": False,
+    }
+    assert (training.schedule, training.weight_decay, training.betas) == ("cosine", 0.1, (0.9, 0.95))
+    assert (training.precision, training.activation_checkpointing, recipe.data.mask_prompt) == ("bf16", True, True)
+
+
+def test_ms_swift_3x_qlora(staged):
+    result, recipe, unmapped = imported(staged, "ms-swift", "qlora_bnb.yaml")
+    assert set(unmapped) == {
+        "model",
+        "model (remote code)",
+        "dataset[1]",  # its system column
+        "loss_scale",  # last_round
+        "gradient_accumulation_steps",  # ms-swift's default depends on the number of processes
+        "add_version",
+        "save_total_limit",  # the HF Trainer keeps every checkpoint
+    }
+    quant = recipe.model.quantization
+    assert (quant.bits, quant.quant_type, quant.double_quant, quant.compute_dtype) == (4, "nf4", True, "bf16")
+    assert recipe.model.attn_implementation == "flash_attention_2"
+    chat, qa = recipe.data.train
+    assert (chat.format, qa.format) == ("chat", "prompt_completion")
+    assert recipe.data.validation.path.endswith("chat_eval.jsonl") and recipe.data.validation.format == "chat"
+    assert (recipe.data.packing, recipe.data.max_length, recipe.data.mask_prompt) == (True, 4096, True)
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.rslora) == (16, 32, 0.1, True)
+    training = recipe.training
+    assert (training.batch_size, training.gradient_accumulation, training.epochs) == (4, 4, 2.0)  # ceil(16 / 4)
+    assert training.report_to == ["wandb"] and training.tracking.run_name == "qwen-qlora"
+    assert (training.eval_every, training.save_every) == (500, 500)  # evaluation follows saving
+    defaults = defaults_of(result)
+    assert defaults["training.learning_rate"] == 1e-4  # ms-swift's rate for LoRA
+    assert defaults["method.alpha"] == 32 and defaults["output.dir"] == "output/Qwen2.5-1.5B-Instruct"
+    assert defaults["training.gradient_accumulation"] == 4
+
+
+def test_ms_swift_full_deepspeed(staged):
+    result, recipe, unmapped = imported(staged, "ms-swift", "deepspeed_zero3.yaml")
+    assert set(unmapped) == {
+        "model",
+        "model (remote code)",
+        "dataset[0]",  # from/value chats: left out, convert them
+        "dataset[1] (format)",
+        "truncation_strategy",
+        "template",
+        "deepspeed",
+        "gradient_checkpointing_kwargs",
+        "use_liger_kernel",
+        "save_total_limit",
+    }
+    assert "convert the file" in unmapped["dataset[0]"]
+    assert "ms-swift's built-in zero3" in unmapped["deepspeed"] and recipe.launch.preset == "zero3"
+    assert recipe.method.name == "full" and recipe.data.train.format == "alpaca"
+    training = recipe.training
+    assert (training.max_steps, training.schedule, training.learning_rate, training.seed) == (
+        1000,
+        "linear",
+        1e-5,
+        1234,
+    )
+    assert defaults_of(result)["training.learning_rate"] == 1e-5  # ms-swift's rate for full training
+
+
+def test_ms_swift_hub_datasets_keep_their_sample_counts(tmp_path):
+    config = tmp_path / "swift.yaml"
+    config.write_text(
+        "model: Qwen/Qwen2.5-0.5B-Instruct\ndataset:\n  - AI-ModelScope/alpaca-gpt4-data-en#500\n"
+        "  - hf::tatsu-lab/alpaca\n  - swift/self-cognition:default\ndeepspeed: zero2_offload\n",
+        encoding="utf-8",
+    )
+    result = import_config(config)
+    assert result.tool == "ms-swift"
+    modelscope, hub, cognition = result.recipe["data"]["train"]
+    assert (modelscope["path"], modelscope["samples"]) == ("AI-ModelScope/alpaca-gpt4-data-en", 500)
+    assert (hub["path"], cognition["path"], "subset" in cognition) == (
+        "tatsu-lab/alpaca",
+        "swift/self-cognition",
+        False,
+    )
+    unmapped = {item.key: item.reason for item in result.unmapped}
+    assert "on ModelScope" in unmapped["dataset[0]"] and "ModelScope" not in unmapped["dataset[1]"]
+    assert result.recipe["launch"] == {"preset": "zero2"} and "offload" in unmapped["deepspeed"]
+
+
+# --- Oumi ----------------------------------------------------------------------------------------------------------
+
+
+def test_oumi_lora(staged):
+    result, recipe, unmapped = imported(staged, "oumi", "llama3_1_8b_lora.yaml")
+    assert set(unmapped) == {
+        "model.load_pretrained_weights",
+        "model.enable_liger_kernel",
+        "training.gradient_checkpointing_kwargs",
+        "training.include_performance_metrics",
+        "training.dataloader_num_workers",
+        "training.dataloader_prefetch_factor",
+        "training.ddp_find_unused_parameters",
+        "training.empty_device_cache_steps",
+        "training.save_steps",  # Oumi keeps every checkpoint
+    }
+    assert (recipe.data.train.format, recipe.data.validation.format) == ("alpaca", "chat")
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, method.target_modules) == (8, 16, 0.0, ["q_proj", "v_proj"])
+    assert (recipe.model.dtype, recipe.model.attn_implementation, recipe.model.trust_remote_code) == (
+        "bf16",
+        "sdpa",
+        True,
+    )
+    training = recipe.training
+    assert (training.batch_size, training.gradient_accumulation, training.learning_rate) == (2, 32, 3e-4)
+    assert (training.schedule, training.warmup_steps, training.weight_decay) == ("cosine", 100, 0.01)
+    assert (training.eval_every, training.save_every, training.log_every) == (25, 50, 100)
+    assert training.report_to == ["wandb"] and recipe.data.max_length == 8192
+    assert defaults_of(result) == {
+        "method.dropout": 0.0,
+        "data.mask_prompt": False,  # Oumi's loss covers every token without the completions collator
+        "data.packing": False,
+        "training.seed": 42,
+        "training.max_grad_norm": 1.0,
+        "training.precision": "fp32",  # mixed_precision_dtype none: no autocast
+        "training.eval_at_start": False,
+    }
+
+
+def test_oumi_qlora_fsdp_mix(staged):
+    result, recipe, unmapped = imported(staged, "oumi", "llama3_2_3b_qlora_fsdp.yaml")
+    assert set(unmapped) == {
+        "model.chat_template",  # a named Oumi template
+        "data.train.datasets[0].sample_count",  # shuffled before sampling
+        "data.train.datasets[1].dataset_name",  # Oumi's Alpaca prompt; a hub dataset
+        "data.train.seed",
+        "training.save_steps",
+        "fsdp.enable_fsdp",
+    }
+    chat, alpaca = recipe.data.train
+    assert (chat.format, chat.weight, chat.max_samples) == ("chat", 0.7, 1000)
+    assert (alpaca.path, alpaca.format, alpaca.weight) == ("yahma/alpaca-cleaned", "alpaca", 0.3)
+    assert recipe.data.mask_prompt is True  # text_completions_only_with_padding, all assistant turns
+    quant = recipe.model.quantization
+    assert (quant.bits, quant.quant_type, quant.double_quant, quant.compute_dtype, quant.storage_dtype) == (
+        4,
+        "nf4",
+        False,
+        "bf16",
+        "bf16",
+    )
+    assert recipe.launch.preset == "fsdp2"
+    method = recipe.method
+    assert (method.r, method.alpha, method.dropout, len(method.target_modules)) == (64, 128, 0.05, 6)
+    training = recipe.training
+    assert (training.max_steps, training.batch_size, training.activation_checkpointing) == (2000, 16, True)
+    assert training.report_to == ["tensorboard"] and training.tracking.run_name == "llama3b-qlora-fsdp"
+    defaults = defaults_of(result)
+    assert defaults["data.max_length"] == 1024  # TRL's max_length: no model_max_length
+    assert defaults["model.quantization.double_quant"] is False and defaults["training.gradient_accumulation"] == 1
+
+
+def test_oumi_full_deepspeed(staged):
+    result, recipe, unmapped = imported(staged, "oumi", "qwen3_full_deepspeed.yaml")
+    assert set(unmapped) == {
+        "data.train.datasets[1].dataset_name",  # fineweb-edu: not an SFT dataset class, left out
+        "training.lr_scheduler_type",  # cosine_with_min_lr
+        "training.lr_scheduler_kwargs",
+        "training.save_epoch",
+        "training.save_final_model",
+        "deepspeed.enable_deepspeed",
+        "deepspeed.precision",
+    }
+    assert recipe.method.name == "full" and recipe.data.train.format == "alpaca"
+    assert recipe.data.max_length == 4096  # ${model.model_max_length}, resolved
+    assert (
+        recipe.launch.preset == "zero3_offload"
+        and "offload_optimizer and offload_param" in unmapped["deepspeed.enable_deepspeed"]
+    )
+    training = recipe.training
+    assert (training.precision, training.max_grad_norm, training.schedule) == ("bf16", None, "cosine")
+    assert (training.epochs, training.learning_rate, training.save_every) == (2.0, 5e-6, None)
+    assert defaults_of(result) == {
+        "data.mask_prompt": False,
+        "data.packing": False,
+        "training.seed": 42,
+        "training.weight_decay": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        (
+            "swift.yaml",
+            "model: Qwen/Qwen2.5-0.5B\ntuner_type: lora\ndataset: [data/odd.jsonl]\n",
+            "dataset[0]: data/odd.jsonl: no dataset format fits its columns (bar, foo)",
+        ),
+        ("swift.yaml", "model: Qwen/Qwen2.5-0.5B\ntuner_type: vera\ndataset: [data/odd.jsonl]\n", "tuner_type vera"),
+        ("swift.yaml", "model: Qwen/Qwen2.5-0.5B\nrlhf_type: dpo\ndataset: [x]\n", "rlhf_type dpo"),
+        (
+            "oumi.yaml",
+            "model: {model_name: m}\ntraining: {trainer_type: TRL_DPO}\n",
+            "training.trainer_type TRL_DPO: only supervised fine-tuning",
+        ),
+        (
+            "oumi.yaml",
+            "model: {model_name: m}\ntraining: {use_peft: true}\npeft: prefix_tuning\n",
+            "peft: a section (mapping) of LoRA settings",
+        ),
+        (
+            "oumi.yaml",
+            "model: {model_name: m}\ndata: {train: {datasets: [{dataset_name: text_sft, "
+            "dataset_path: data/odd.jsonl}]}}\ntraining: {trainer_type: TRL_SFT}\n",
+            "data/odd.jsonl: unknown dataset format (columns bar, foo)",
+        ),
+        (
+            "oumi.yaml",
+            "model: {model_name: m, torch_dtype_str: bfloat16}\ntraining: {mixed_precision_dtype: BF16}\n",
+            "needs model.torch_dtype_str float32",
+        ),
+    ],
+)
+def test_bad_ms_swift_and_oumi_configs_exit_2_with_one_line(tmp_path, name, text, expected):
+    write_jsonl(tmp_path / "data" / "odd.jsonl", [{"foo": 1, "bar": 2}])
+    config = tmp_path / name
+    config.write_text(text, encoding="utf-8")
+    proc = run_cli("recipe", "import", str(config))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(config) in lines[0] and expected in lines[0], lines[0]
+
+
+def test_detection_tells_ms_swift_and_oumi_from_the_flat_tools(tmp_path):
+    data = write_jsonl(tmp_path / "pc.jsonl", copy_task(2))
+    cases = {
+        # ms-swift shares lora_rank and template with LLaMA-Factory and the HF keys with TRL; `model` is its own
+        "ms-swift": f"model: m\nlora_rank: 8\ntemplate: qwen\nper_device_train_batch_size: 2\ndataset: [{data}]\n",
+        "oumi": f"model: {{model_name: m}}\ndata: {{train: {{datasets: [{{dataset_name: text_sft, dataset_path: "
+        f"{tmp_path / 'chat.jsonl'}}}]}}}}\ntraining: {{output_dir: out, learning_rate: 0.001}}\n",
+        "hf": f"model_name_or_path: m\ndataset_name: {data}\nper_device_train_batch_size: 2\nlora_r: 8\n",
+    }
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
+    for tool, text in cases.items():
+        config = tmp_path / f"{tool}.yaml"
+        config.write_text(text, encoding="utf-8")
+        assert import_config(config).tool == tool
 
 
 # --- through the command line ------------------------------------------------------------------------------------

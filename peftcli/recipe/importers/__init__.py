@@ -1,6 +1,6 @@
-"""`peft recipe import`: turn another tool's training config (Axolotl, LLaMA-Factory, HF TrainingArguments/TRL)
-into a peftcli recipe, listing every key that could not be carried over and writing out the source tool's
-defaults where they differ from peftcli's."""
+"""`peft recipe import`: turn another tool's training config (Axolotl, LLaMA-Factory, HF TrainingArguments/TRL,
+ms-swift, Oumi) into a peftcli recipe, listing every key that could not be carried over and writing out the source
+tool's defaults where they differ from peftcli's."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import yaml
 
 from peftcli.errors import OutputError
-from peftcli.recipe.importers import axolotl, hf, llama_factory
+from peftcli.recipe.importers import axolotl, hf, llama_factory, ms_swift, oumi
 from peftcli.recipe.importers.common import read_source
 from peftcli.recipe.importers.finish import validated
 from peftcli.recipe.importers.result import ConfigImportError, ImportResult, Unmapped
 
-IMPORTERS = {"axolotl": axolotl, "llama-factory": llama_factory, "hf": hf}
+IMPORTERS = {"axolotl": axolotl, "llama-factory": llama_factory, "hf": hf, "ms-swift": ms_swift, "oumi": oumi}
 
 __all__ = ["IMPORTERS", "ConfigImportError", "ImportResult", "Unmapped", "import_config", "render", "write_atomic"]
 

@@ -1,7 +1,7 @@
 """Axolotl YAML -> recipe.
 
-Axolotl's defaults below come from its configuration reference (docs/config-reference.qmd, generated from
-src/axolotl/utils/schemas/config.py); the ones it leaves to HF PEFT or HF TrainingArguments say so.
+Axolotl's defaults below come from its pydantic schema (src/axolotl/utils/schemas/) and the trainer builder that
+turns the config into HF TrainingArguments (src/axolotl/core/builders/base.py); each constant names its file.
 """
 
 from __future__ import annotations
@@ -20,35 +20,39 @@ from peftcli.recipe.importers.common import (
 from peftcli.recipe.importers.result import ConfigImportError, ImportResult
 
 TOOL = "axolotl"
-# config-reference: `sequence_len: int = 512`
+# Checked against axolotl-ai-cloud/axolotl at 067b021 (2026-07-24); paths are under src/axolotl/.
+# utils/schemas/config.py: `sequence_len: int = Field(default=512)`
 SEQUENCE_LEN = 512
-# config-reference: `micro_batch_size: int | None = 1`, `gradient_accumulation_steps: int | None = 1`
+# utils/schemas/training.py: `micro_batch_size` and `gradient_accumulation_steps` default 1
 MICRO_BATCH_SIZE = 1
 GRADIENT_ACCUMULATION = 1
-# config-reference: `num_epochs: float = 1.0`
+# utils/schemas/training.py: `num_epochs: float = Field(default=1.0)`
 NUM_EPOCHS = 1.0
-# config-reference: `lr_scheduler: ... = SchedulerType.COSINE`
+# utils/schemas/training.py: `lr_scheduler: str | None = "cosine"`
 LR_SCHEDULER = "cosine"
-# config-reference: `weight_decay: float | None = 0.0`, `lora_dropout: float | None = 0.0`
+# utils/schemas/training.py: `weight_decay` default 0.0; utils/schemas/peft.py: `lora_dropout` default 0.0
 WEIGHT_DECAY = 0.0
 LORA_DROPOUT = 0.0
-# config-reference: `train_on_inputs: bool | None = False`, `group_by_length: bool | None = False`,
-# `sample_packing: bool | None` (off unless set)
+# utils/schemas/training.py: `train_on_inputs` default False, `group_by_length` None (the HF Trainer's False);
+# utils/schemas/config.py: `sample_packing` None (off)
 TRAIN_ON_INPUTS = False
 GROUP_BY_LENGTH = False
-# config-reference: `output_dir: str = './model-out'`
+# utils/schemas/model.py: `output_dir` default "./model-out"
 OUTPUT_DIR = "./model-out"
-# config-reference: `bf16: Literal['auto'] | bool | None = 'auto'` (bf16 where the GPU supports it)
+# utils/schemas/config.py: `bf16: Literal["auto"] | bool | None = "auto"` (bf16 where the GPU supports it)
 BF16 = "auto"
-# Unset lora_r / lora_alpha fall through to HF PEFT's LoraConfig defaults (r=8, lora_alpha=8).
-PEFT_R = 8
-PEFT_ALPHA = 8
-# Unset max_grad_norm / seed / learning_rate fall through to HF TrainingArguments (1.0, 42, 5e-5).
+# core/builders/base.py passes max_grad_norm and seed to the HF Trainer only when set, so HF's 1.0 and 42 apply.
 MAX_GRAD_NORM = 1.0
 SEED = 42
-LEARNING_RATE = 5e-5
-# Axolotl's trainer builder warms up for min(3% of the steps, 100) when neither warmup key is set.
+# core/builders/base.py (_configure_warmup_and_logging): with neither warmup key, min(3% of the steps, 100).
 WARMUP_RATIO = 0.03
+# core/builders/base.py (_configure_save_and_eval_strategy): `save_total_limit` 4 when unset, a checkpoint
+# every epoch when neither save_steps/saves_per_epoch nor save_strategy is set, and eval_on_start True whenever
+# it evaluates on steps or a strategy.
+SAVE_TOTAL_LIMIT = 4
+# peftcli's own LoRA defaults, written out where Axolotl has none (see _method)
+PEFTCLI_R = 8
+PEFTCLI_ALPHA = 16
 
 _CLASS_PICKERS = (
     "model_type",
@@ -165,11 +169,20 @@ def _model(conv: Converter) -> None:
         conv.note("base_model_config", "peftcli reads the model's own config.json; point model.name_or_path at it")
     adapter = conv.take("adapter")
     four, eight = conv.take("load_in_4bit", False), conv.take("load_in_8bit", False)
-    if adapter == "qlora" or four:
-        # QLoRA's NF4 with double quantization, as Axolotl builds its BitsAndBytesConfig
+    if adapter == "qlora":
+        # loaders/model.py builds this BitsAndBytesConfig for adapter qlora (which requires load_in_4bit): NF4,
+        # double quantization, compute in the model's dtype
         conv.put("model.quantization", {"bits": 4, "quant_type": "nf4", "double_quant": True})
-    elif eight:
+    elif adapter == "lora" and eight:
         conv.put("model.quantization", {"bits": 8})
+    if four and adapter != "qlora":
+        conv.note(
+            "load_in_4bit",
+            f"Axolotl quantizes to 4 bits only with adapter qlora (loaders/model.py), not with adapter {adapter}; "
+            "the base is left unquantized, as there",
+        )
+    if eight and adapter != "lora":
+        conv.note("load_in_8bit", f"Axolotl loads in 8 bits only with adapter lora, not {adapter}; left unquantized")
     attention = [k for k in ("flash_attention", "sdp_attention", "flex_attention") if conv.take(k)]
     if attention:
         name = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "flex_attention": "flex_attention"}
@@ -213,8 +226,13 @@ def _method(conv: Converter) -> None:
     if adapter not in ("lora", "qlora"):
         raise ConfigImportError(f"{conv.path}: adapter {adapter}: only lora and qlora are imported")
     conv.put("method.name", "lora")
-    conv.copy("lora_r", "method.r", PEFT_R, "HF PEFT's LoraConfig r, which Axolotl uses when lora_r is unset")
-    conv.copy("lora_alpha", "method.alpha", PEFT_ALPHA, "HF PEFT's lora_alpha, used when lora_alpha is unset")
+    for key, dotted, ours in (("lora_r", "method.r", PEFTCLI_R), ("lora_alpha", "method.alpha", PEFTCLI_ALPHA)):
+        if conv.has(key):
+            conv.put(dotted, conv.take(key))
+        else:
+            # loaders/adapter.py passes the unset value (None) to HF PEFT's LoraConfig, which then fails
+            conv.note(key, f"unset: Axolotl hands None to HF PEFT, which refuses it; the recipe takes peftcli's {ours}")
+            conv.put(dotted, ours)
     conv.copy("lora_dropout", "method.dropout", LORA_DROPOUT, "Axolotl's lora_dropout default")
     modules = conv.take("lora_target_modules")
     if conv.take("lora_target_linear"):
@@ -230,8 +248,8 @@ def _method(conv: Converter) -> None:
     else:
         conv.note(
             "lora_target_modules",
-            "unset: Axolotl lets HF PEFT pick per architecture (q_proj and v_proj "
-            "for Llama-style models); the recipe keeps peftcli's all-linear, so set method.target_modules",
+            "unset and lora_target_linear off: Axolotl passes an empty target list and HF PEFT finds no module "
+            "to adapt (loaders/adapter.py); the recipe keeps peftcli's all-linear, so set method.target_modules",
         )
     if conv.has("lora_modules_to_save"):
         conv.put("method.modules_to_save", list(conv.take("lora_modules_to_save")))
@@ -375,13 +393,10 @@ def _training(conv: Converter) -> None:
         GRADIENT_ACCUMULATION,
         "Axolotl's gradient_accumulation_steps default",
     )
-    conv.copy(
-        "learning_rate",
-        "training.learning_rate",
-        LEARNING_RATE,
-        "HF TrainingArguments' learning_rate, which Axolotl keeps when unset",
-        convert=float,
-    )
+    if conv.has("learning_rate"):
+        conv.put("training.learning_rate", float(conv.take("learning_rate")))
+    else:  # utils/schemas/training.py: `learning_rate: str | float`, a required field
+        conv.note("learning_rate", "unset: Axolotl requires it; the recipe keeps peftcli's default, so set it")
     conv.map_schedule("lr_scheduler", LR_SCHEDULER, "Axolotl's lr_scheduler default")
     if conv.has("warmup_steps"):
         conv.put("training.warmup_steps", int(conv.take("warmup_steps")))
@@ -430,16 +445,54 @@ def _training(conv: Converter) -> None:
     if conv.take("torch_compile"):
         conv.put("training.compile", True)
     map_steps(conv, "logging_steps", "training.log_every")
-    if conv.get("data.validation"):
-        map_steps(conv, "eval_steps", "training.eval_every")
-        conv.put("training.eval_at_start", False)  # the HF Trainer Axolotl runs does not evaluate before step 1
-        conv.defaults.append(("training.eval_at_start", False, "HF Trainer's eval_on_start default"))
-    elif conv.has("eval_steps"):
-        conv.note("eval_steps", "no validation data (val_set_size or test_datasets), so nothing to evaluate")
-    map_steps(conv, "save_steps", "training.save_every")
-    if conv.has("save_total_limit"):
-        conv.put("training.keep_checkpoints", int(conv.take("save_total_limit")))
+    _evaluation(conv)
+    _saving(conv)
     _trackers(conv)
+
+
+def _evaluation(conv: Converter) -> None:
+    """As core/builders/base.py: with validation data, Axolotl evaluates on eval_steps (or evals_per_epoch) or an
+    eval_strategy, and then also before the first step (eval_on_start); with none of them it does not evaluate."""
+    if not conv.get("data.validation"):
+        for key in ("eval_steps", "eval_strategy"):
+            if conv.has(key):
+                conv.note(key, "no validation data (val_set_size or test_datasets), so nothing to evaluate")
+        return
+    strategy = conv.take("eval_strategy")
+    evaluates = conv.has("eval_steps") or conv.has("evals_per_epoch") or strategy not in (None, "no")
+    map_steps(conv, "eval_steps", "training.eval_every")
+    conv.put("training.eval_at_start", bool(evaluates))
+    if evaluates:
+        conv.defaults.append(("training.eval_at_start", True, "Axolotl sets eval_on_start when it evaluates"))
+        if strategy not in (None, "no", "steps"):
+            conv.note("eval_strategy", f"{strategy}: peftcli evaluates every training.eval_every steps; set it")
+    else:
+        conv.defaults.append(("training.eval_at_start", False, "Axolotl does not evaluate without eval settings"))
+        conv.note(
+            "eval_steps",
+            f"{'eval_strategy no' if strategy == 'no' else 'unset (nor evals_per_epoch, eval_strategy)'}: Axolotl "
+            "does not evaluate during training; peftcli evaluates the validation data at the end",
+        )
+
+
+def _saving(conv: Converter) -> None:
+    strategy = conv.take("save_strategy")
+    map_steps(conv, "save_steps", "training.save_every")
+    if not (conv.has("save_steps") or conv.has("saves_per_epoch") or strategy is not None):
+        conv.note(
+            "save_steps",
+            "unset (nor saves_per_epoch, save_strategy): Axolotl checkpoints at the end of every epoch; peftcli "
+            "counts checkpoints in steps, so set training.save_every",
+        )
+    elif strategy not in (None, "steps", "no"):
+        conv.note("save_strategy", f"{strategy}: peftcli checkpoints every training.save_every steps; set it")
+    conv.copy(
+        "save_total_limit",
+        "training.keep_checkpoints",
+        SAVE_TOTAL_LIMIT,
+        "Axolotl keeps 4 checkpoints unless save_total_limit is set",
+        convert=int,
+    )
 
 
 def _trackers(conv: Converter) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -63,6 +64,8 @@ class Converter:
         self.defaults: list[tuple[str, Any, str]] = []
         self.recipe: dict[str, Any] = {"model": {}, "method": {}, "data": {}, "training": {}, "output": {}}
         self.sources: list[dict] = []  # training sources, put in data.train by finish_sources
+        # DeepSpeed configs a tool names instead of a file: name -> (config, its description)
+        self.deepspeed_builtin: dict[str, tuple[dict, str]] = {}
 
     # --- reading source keys ---
     def has(self, key: str) -> bool:
@@ -111,7 +114,7 @@ class Converter:
 
     def no_effect(self, key: str, reason: str) -> None:
         """A key peftcli has no use for: listed when the source sets it, with why it does not matter."""
-        if self.has(key):  # an empty key is left for finish(), which lists it as empty
+        if self.has(key) and key not in {item.key for item in self.unmapped}:  # an empty key: listed by finish()
             self.used.add(key)
             self.unmapped.append(Unmapped(key, f"no effect in peftcli: {reason}"))
 
@@ -173,13 +176,18 @@ class Converter:
             self.note(key, f"{name}: peftcli has constant, linear and cosine schedules; the recipe uses cosine")
             self.put("training.schedule", "cosine")
 
-    def map_deepspeed(self, key: str) -> None:
-        """A DeepSpeed config (path or inline mapping) -> the nearest launch preset, saying what was approximated."""
+    def map_deepspeed(self, key: str, config: dict | None = None, where: str | None = None) -> None:
+        """A DeepSpeed config (path or inline mapping, or `config` read from `where` by the caller: a tool's
+        built-in file or its own section) -> the nearest launch preset, saying what was approximated."""
         value = self.take(key)
-        if value is None:
+        if value is None or value is False:
             return
-        config, where = None, None
-        if isinstance(value, dict):
+        if config is None and isinstance(value, str) and value in self.deepspeed_builtin:
+            config, builtin = self.deepspeed_builtin[value]
+            where = f"{self.tool}'s built-in {builtin}"
+        if config is not None:
+            pass
+        elif isinstance(value, dict):
             config, where = value, "inline config"
         else:
             found = self.local_path(str(value))
@@ -240,21 +248,36 @@ class Converter:
             )
 
 
-def sniff_format(path: str) -> tuple[str, dict[str, str]] | None:
-    """The data format and column mapping of a local JSON/JSONL file, judged from its first record."""
+def first_record(path: str) -> dict | None:
+    """The first record of a local JSON/JSONL file (or the header of a CSV file, as a row of empty values), or
+    None when the file cannot be read that way."""
     file = Path(path)
-    if file.suffix.lower() not in (".json", ".jsonl") or not file.is_file():
+    suffix = file.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv") or not file.is_file():
         return None
     try:
         with file.open(encoding="utf-8") as handle:
-            if file.suffix.lower() == ".jsonl":
-                first = json.loads(next(line for line in handle if line.strip()))
-            else:
-                rows = json.load(handle)
-                first = rows[0] if isinstance(rows, list) and rows else None
-    except (OSError, ValueError, StopIteration):
+            if suffix == ".csv":
+                header = next(csv.reader(handle))
+                return dict.fromkeys(header, "")
+            if suffix == ".jsonl":
+                return _mapping(json.loads(next(line for line in handle if line.strip())))
+            rows = json.load(handle)
+    except (OSError, ValueError, StopIteration, csv.Error):
         return None
-    if not isinstance(first, dict):
+    return _mapping(rows[0] if isinstance(rows, list) and rows else None)
+
+
+def _mapping(value: Any) -> dict | None:
+    return value if isinstance(value, dict) else None
+
+
+def sniff_format(path: str) -> tuple[str, dict[str, str]] | None:
+    """The data format and column mapping of a local JSON/JSONL file, judged from its first record."""
+    if Path(path).suffix.lower() not in (".json", ".jsonl"):
+        return None
+    first = first_record(path)
+    if first is None:
         return None
     for column in ("messages", "conversations", "conversation"):
         turns = first.get(column)
@@ -274,9 +297,17 @@ def looks_like_file(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or value.lower().endswith(DATA_SUFFIXES)
 
 
-def make_source(conv: Converter, key: str, path: str, fmt: str, columns: dict[str, str] | None = None, **extra) -> dict:
+def make_source(
+    conv: Converter,
+    key: str,
+    path: str,
+    fmt: str,
+    columns: dict[str, str] | None = None,
+    hub_note: str = "",
+    **extra,
+) -> dict:
     """One data source: a local file (written absolute) or a hub name kept as given and listed, since reading it
-    needs the network."""
+    needs the network (`hub_note` adds to that line, e.g. which hub the name belongs to)."""
     source: dict[str, Any] = {"path": path, "format": fmt}
     found = conv.local_path(path)
     if found:
@@ -288,8 +319,8 @@ def make_source(conv: Converter, key: str, path: str, fmt: str, columns: dict[st
     else:
         conv.note(
             key,
-            f"{path} is a hub dataset: kept as data path, but peftcli reads hub datasets only with network access "
-            "and the data cache; download it and set the data path to the local file",
+            f"{path} is a hub dataset{hub_note}: kept as data path, but peftcli reads hub datasets only with network "
+            "access and the data cache; download it and set the data path to the local file",
         )
     if columns:
         source["columns"] = columns
@@ -298,7 +329,8 @@ def make_source(conv: Converter, key: str, path: str, fmt: str, columns: dict[st
 
 
 def finish_sources(conv: Converter) -> None:
-    """Put the collected sources in data.train (one mapping, or a list mixed without weights)."""
+    """Put the collected sources in data.train: one mapping, or a list (also for one source with a sample count
+    or weight, which only list entries have)."""
     sources = conv.sources
     if not sources:
         why = "; ".join(u.line() for u in conv.unmapped if u.key.startswith(("dataset", "data", "train")))
@@ -306,7 +338,8 @@ def finish_sources(conv: Converter) -> None:
             f"{conv.path}: no training data peftcli can read{f' ({why})' if why else ''}; name a local dataset "
             "in the config, or write data.train in a recipe by hand"
         )
-    conv.recipe["data"] = {"train": sources[0] if len(sources) == 1 else sources, **conv.recipe["data"]}
+    single = len(sources) == 1 and not {"samples", "weight"} & set(sources[0])
+    conv.recipe["data"] = {"train": sources[0] if single else sources, **conv.recipe["data"]}
 
 
 def chat_columns(conv: Converter, key: str, column: str, names: dict[str, str]) -> dict[str, str] | None:
@@ -355,8 +388,9 @@ def map_steps(conv: Converter, key: str, dotted: str) -> None:
         conv.note(key, f"{value}: a fraction of the run; peftcli counts {dotted} in optimizer steps, set it by hand")
 
 
-def constant_means_no_warmup(conv: Converter, schedule_key: str) -> None:
-    """HF's `constant` schedule ignores the warm-up settings, where peftcli's would warm up: drop them."""
+def constant_means_no_warmup(conv: Converter, schedule_key: str, prefix: str = "") -> None:
+    """HF's `constant` schedule ignores the warm-up settings, where peftcli's would warm up: drop them. `prefix`
+    heads the source's warm-up keys (`training.` for a nested config)."""
     keys = ("warmup_steps", "warmup_ratio")
     dropped = [key for key in keys if conv.get(f"training.{key}")]
     if conv.data.get(schedule_key) != "constant" or not dropped:
@@ -364,6 +398,7 @@ def constant_means_no_warmup(conv: Converter, schedule_key: str) -> None:
     for key in dropped:
         del conv.recipe["training"][key]
     conv.defaults = [d for d in conv.defaults if d[0] not in {f"training.{key}" for key in keys}]
-    conv.unmapped = [u for u in conv.unmapped if u.key not in keys]
-    for key in [key for key in keys if conv.has(key)] or ["warmup_steps"]:
+    source_keys = [prefix + key for key in keys]
+    conv.unmapped = [u for u in conv.unmapped if u.key not in source_keys]
+    for key in [key for key in source_keys if conv.has(key)] or [source_keys[0]]:
         conv.note(key, "left out: HF's constant schedule ignores warm-up, so the source run has none")

@@ -1,5 +1,6 @@
-"""HF TrainingArguments-style configs (YAML or JSON) -> recipe: the flat files TRL's `trl sft --config`, ms-swift
-and Oumi's training block share, with TRL's ModelConfig (LoRA, quantization) and SFT keys.
+"""HF TrainingArguments-style configs (YAML or JSON) -> recipe: the flat files of TRL's `trl sft --config` and the
+transformers example scripts, with TRL's ModelConfig (LoRA, quantization) and SFT keys. ms-swift and Oumi, which
+build on the same TrainingArguments, have importers of their own (their defaults and other keys differ).
 
 A file with any TRL key is read with TRL's SFTConfig/ModelConfig defaults (trl/trainer/sft_config.py,
 trl/trainer/model_config.py); otherwise HF TrainingArguments' own (trainer_args.py).
@@ -71,8 +72,8 @@ def detect_score(data: dict) -> int:
         "optim",
         *TRL_KEYS,
     )
-    if any(key in data for key in ("finetuning_type", "stage", "template", "base_model")):
-        return 0  # LLaMA-Factory and Axolotl configs carry HF keys too; these keys are theirs alone
+    if any(key in data for key in ("finetuning_type", "stage", "template", "base_model", "model")):
+        return 0  # LLaMA-Factory, Axolotl, ms-swift and Oumi configs carry HF keys too; these keys are theirs alone
     return sum(key in data for key in marks)
 
 
@@ -201,9 +202,6 @@ def _data(conv: Converter, trl: bool) -> None:
         conv.sources.append(source)
     if conv.has("train_file"):  # transformers' example scripts (run_clm.py)
         conv.sources.append(_source(conv, "train_file", str(conv.take("train_file")), text_field))
-    names = conv.take("dataset")  # ms-swift: a list of paths or hub ids
-    for index, name in enumerate([names] if isinstance(names, str) else list(names or [])):
-        conv.sources.append(_source(conv, f"dataset[{index}]", str(name), text_field))
     conv.used.update({"dataset_train_split", "dataset_config"})
     finish_sources(conv)
     if conv.has("validation_file"):

@@ -15,23 +15,26 @@ from peftcli.recipe.importers.result import ConfigImportError, ImportResult
 from peftcli.recipe.importers.trainer_args import HF_DEFAULTS, map_training_arguments
 
 TOOL = "llama-factory"
-# finetuning_args.py: lora_rank 8, lora_alpha None (= lora_rank * 2), lora_dropout 0.0, lora_target "all"
+# Checked against hiyouga/LLaMA-Factory at ff6d4d1 (2026-08-18); paths are under src/llamafactory/.
+# hparams/finetuning_args.py: lora_rank 8, lora_alpha None (__post_init__: lora_rank * 2), lora_dropout 0.0,
+# lora_target "all", pissa_iter 16
 LORA_RANK = 8
 LORA_DROPOUT = 0.0
-# data_args.py: cutoff_len 2048, train_on_prompt False, packing None (on for stage pt only), val_size 0.0,
-# dataset_dir "data"
+# hparams/data_args.py: cutoff_len 2048, train_on_prompt False, val_size 0.0, dataset_dir "data"; packing None,
+# which hparams/parser.py turns into `stage == "pt"`
 CUTOFF_LEN = 2048
 TRAIN_ON_PROMPT = False
 DATASET_DIR = "data"
-# model_args.py: quantization_type "nf4", double_quantization True; disable_gradient_checkpointing False, so
-# LLaMA-Factory checkpoints activations unless told not to.
+# hparams/model_args.py: quantization_method bnb, quantization_type "nf4", double_quantization True;
+# disable_gradient_checkpointing False, so LLaMA-Factory checkpoints activations unless told not to.
 QUANTIZATION_TYPE = "nf4"
 DOUBLE_QUANTIZATION = True
-# dataset_info.json: alpaca columns prompt/query/response; sharegpt columns messages "conversations" with tags
-# from/value and roles human/gpt (data/README.md of LLaMA-Factory).
+# data/README.md: alpaca columns prompt/query/response; sharegpt columns messages "conversations" with tags
+# from/value and roles human/gpt.
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}
 # dataset_info.json entry keys the importer reads (file_sha1 only guards LLaMA-Factory's cache)
 _INFO_KEYS = {"file_name", "hf_hub_url", "formatting", "columns", "tags", "split", "subset", "ranking", "file_sha1"}
+# extras/constants.py AttentionFunction: auto, disabled, sdpa, fa2, fa3 (no FlashAttention-3 in peftcli)
 ATTENTION = {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 
 _NO_EFFECT = {
@@ -61,6 +64,8 @@ _NOT_SUPPORTED = {
 
 def detect_score(data: dict) -> int:
     """How strongly the keys say LLaMA-Factory (0: not at all)."""
+    if "model" in data or "tuner_type" in data or "train_type" in data:
+        return 0  # ms-swift's and Oumi's keys (LLaMA-Factory names its model model_name_or_path)
     marks = (
         "finetuning_type",
         "stage",

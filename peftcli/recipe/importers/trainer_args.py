@@ -1,7 +1,7 @@
 """HF `TrainingArguments` keys, shared by the LLaMA-Factory and HF/TRL importers (both pass them to the HF Trainer).
 
 Defaults are those of transformers' TrainingArguments (its docstring in training_args.py); a tool that changes
-one (TRL's SFTConfig, LLaMA-Factory) passes its own in `defaults`.
+one (TRL's SFTConfig, LLaMA-Factory, ms-swift) passes its own in `defaults`, and may say why in `reasons`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from peftcli.recipe.importers.common import Converter, constant_means_no_warmup,
 # transformers TrainingArguments: learning_rate 5e-5, num_train_epochs 3.0, per_device_train_batch_size 8,
 # gradient_accumulation_steps 1, lr_scheduler_type "linear", weight_decay 0.0, max_grad_norm 1.0, seed 42,
 # bf16/fp16 False (fp32 training), gradient_checkpointing False, group_by_length False,
-# save_strategy "steps" with save_steps 500.
+# save_strategy "steps" with save_steps 500, eval_strategy "no" (eval_steps None: logging_steps), AdamW betas
+# 0.9 and 0.999.
 HF_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
     "num_train_epochs": 3.0,
@@ -28,7 +29,13 @@ HF_DEFAULTS: dict[str, Any] = {
     "group_by_length": False,
     "save_steps": 500,
     "output_dir": "trainer_output",
+    "eval_strategy": "no",
+    "eval_steps": None,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
 }
+# peftcli's AdamW betas (training.betas)
+BETAS = (0.9, 0.999)
 
 # torch.optim.AdamW's eps, which peftcli's optimizers keep
 ADAM_EPSILON = 1e-8
@@ -73,12 +80,15 @@ NOT_SUPPORTED = {
 TRACKERS = ("wandb", "tensorboard", "mlflow")
 
 
-def map_training_arguments(conv: Converter, tool_name: str, defaults: dict[str, Any]) -> None:
+def map_training_arguments(
+    conv: Converter, tool_name: str, defaults: dict[str, Any], reasons: dict[str, str] | None = None
+) -> None:
     """Map the TrainingArguments keys of `conv`'s source; `defaults` are the source tool's own (HF's when
-    it does not change them), written out where they are not peftcli's."""
+    it does not change them), written out where they are not peftcli's; `reasons` replaces the default's
+    stated reason for some keys."""
 
     def why(key: str) -> str:
-        return f"{tool_name}'s {key} default"
+        return (reasons or {}).get(key) or f"{tool_name}'s {key} default"
 
     max_steps = conv.take("max_steps")
     if isinstance(max_steps, int) and max_steps > 0:  # HF's -1 means: run num_train_epochs
@@ -114,9 +124,7 @@ def map_training_arguments(conv: Converter, tool_name: str, defaults: dict[str, 
     conv.copy("seed", "training.seed", defaults["seed"], why("seed"))
     conv.map_optimizer("optim")
     _epsilon(conv)
-    betas = (conv.take("adam_beta1"), conv.take("adam_beta2"))
-    if any(b is not None for b in betas):
-        conv.put("training.betas", [float(betas[0] or 0.9), float(betas[1] or 0.999)])
+    _betas(conv, (defaults["adam_beta1"], defaults["adam_beta2"]), why("adam_beta1/2"))
     _precision(conv, defaults["precision"], why("bf16/fp16"))
     conv.copy(
         "gradient_checkpointing",
@@ -131,7 +139,7 @@ def map_training_arguments(conv: Converter, tool_name: str, defaults: dict[str, 
     if conv.take("torch_compile"):
         conv.put("training.compile", True)
     map_steps(conv, "logging_steps", "training.log_every")
-    _evaluation(conv)
+    _evaluation(conv, defaults["eval_strategy"], defaults["eval_steps"], why("eval_steps"))
     _saving(conv, defaults["save_steps"], why("save_steps"))
     _trackers(conv)
     conv.map_deepspeed("deepspeed")
@@ -151,6 +159,16 @@ def _epsilon(conv: Converter) -> None:
         conv.note("adam_epsilon", f"{conv.take('adam_epsilon')}: peftcli's AdamW epsilon is fixed at 1e-8")
 
 
+def _betas(conv: Converter, default: tuple[float, float], why: str) -> None:
+    beta1, beta2 = conv.take("adam_beta1"), conv.take("adam_beta2")
+    if beta1 is not None or beta2 is not None:
+        betas = [float(default[0] if beta1 is None else beta1), float(default[1] if beta2 is None else beta2)]
+        conv.put("training.betas", betas)
+    elif tuple(default) != BETAS:
+        conv.put("training.betas", list(default))
+        conv.defaults.append(("training.betas", list(default), why))
+
+
 def _precision(conv: Converter, default: str, why: str) -> None:
     bf16, fp16 = conv.take("bf16"), conv.take("fp16")
     if bf16 is None and fp16 is None:
@@ -162,14 +180,16 @@ def _precision(conv: Converter, default: str, why: str) -> None:
         conv.put("model.dtype", "bf16")
 
 
-def _evaluation(conv: Converter) -> None:
-    strategy = str(conv.take("eval_strategy", conv.take("evaluation_strategy", "no")))
+def _evaluation(conv: Converter, default_strategy: str, default_steps: int | None, why_steps: str) -> None:
+    """Evaluation settings; `default_steps` None means the HF Trainer's fallback to logging_steps."""
+    strategy = str(conv.take("eval_strategy", conv.take("evaluation_strategy", default_strategy)))
     if strategy == "no":
         if conv.has("eval_steps"):
             conv.note("eval_steps", "eval_strategy is no, so the source does not evaluate")
         return
     if not conv.get("data.validation"):
-        conv.note("eval_strategy", f"{strategy}: no validation data was mapped, so nothing is evaluated")
+        if conv.has("eval_strategy") or conv.has("evaluation_strategy"):
+            conv.note("eval_strategy", f"{strategy}: no validation data was mapped, so nothing is evaluated")
         conv.used.add("eval_steps")
         return
     conv.copy(
@@ -178,6 +198,8 @@ def _evaluation(conv: Converter) -> None:
     if strategy == "steps":
         if conv.has("eval_steps"):
             map_steps(conv, "eval_steps", "training.eval_every")
+        elif default_steps is not None:
+            conv.copy("eval_steps", "training.eval_every", default_steps, why_steps)
         elif conv.get("training.log_every"):
             conv.put("training.eval_every", conv.get("training.log_every"))  # HF falls back to logging_steps
     else:
@@ -201,6 +223,11 @@ def _saving(conv: Converter, default: int, why: str) -> None:
         conv.note("save_strategy", f"{strategy}: peftcli checkpoints every training.save_every steps; set it")
     if conv.has("save_total_limit"):
         conv.put("training.keep_checkpoints", int(conv.take("save_total_limit")))
+    elif conv.get("training.save_every"):
+        conv.note(
+            "save_total_limit",
+            "unset: the HF Trainer keeps every checkpoint; peftcli keeps the newest training.keep_checkpoints (2)",
+        )
 
 
 def _trackers(conv: Converter) -> None:
