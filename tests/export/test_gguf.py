@@ -7,14 +7,16 @@ import functools
 import json
 import shutil
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
-from peftcli.errors import PeftCliError
+from peftcli.errors import PeftCliError, VerificationError
 from peftcli.examples.tiny import build_llama, build_tokenizer, write_tiny_model
 from peftcli.export import gguf as export
 from peftcli.export.gguf import GGUF_TYPES, write_gguf
@@ -287,6 +289,134 @@ def test_a_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         write_gguf(tiny_model_dir, tmp_path / "model.gguf")
     assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- reading the file back (--verify, the default)
+
+
+@pytest.mark.parametrize("quant", GGUF_TYPES)
+def test_every_tensor_reads_back_within_its_storage_bound(tiny_model_dir, tmp_path, quant):
+    checks = []
+    out = write_gguf(tiny_model_dir, tmp_path / "model.gguf", quant, on_verified=checks.append)
+    [check] = checks
+    assert check.tensors == len(gguf.GGUFReader(out).tensors) == 21
+    if quant == "f32":
+        assert check.worst.error == 0
+    else:
+        # Rounding reaches the bound (a tie lands on it): the bound is what the type allows, no looser.
+        assert check.worst.qtype == quant.upper() and 0.5 < check.worst.ratio <= 1, check.worst
+
+
+def _perturbed(name: str):
+    """The encoder, with one value of tensor `name` moved by 2% of the tensor's largest before encoding."""
+    encode = export._encode
+
+    def perturbed(array, tensor):
+        if tensor.name == name:
+            array = array.copy()
+            array.flat[5] += 0.02 * np.abs(array).max()
+        return encode(array, tensor)
+
+    return perturbed
+
+
+def _damaging(what: str):
+    """verify_gguf, after damaging the staged file (or the plan it is checked against) as `what` says."""
+    verify = export.verify_gguf
+
+    def damage_then_verify(path, planned, *args):
+        if what == "byte":  # the highest byte of the last value (Q8_0: the last int8), as a failing disk might
+            tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_up.weight")
+            with path.open("r+b") as file:
+                file.seek(tensor.data_offset + tensor.n_bytes - 1)
+                byte = file.read(1)[0]
+                file.seek(-1, 1)
+                file.write(bytes([byte ^ 0x40]))
+        elif what == "plan":
+            planned = planned[:-1]
+        return verify(path, planned, *args)
+
+    return damage_then_verify
+
+
+DAMAGE = {  # what is done -> the error it must give ({quant}: the storage type)
+    # one value off by 2% of its tensor's largest, in a q/k tensor (read through the row interleaving)
+    "value": r"blk\.1\.attn_k\.weight read back from the file differs from the weights it was written from by "
+    r"[0-9.e-]+, beyond the [0-9.e-]+ that {quant} rounding allows; nothing was written",
+    "rows": r"blk\.0\.attn_k\.weight read back .* beyond the [0-9.e-]+ that {quant} rounding",  # q/k in HF's order
+    "byte": r"blk\.0\.ffn_up\.weight read back .* beyond the [0-9.e-]+ that {quant} rounding",  # flipped after writing
+    "plan": r"the file's tensors are not the planned ones \(missing: none; not planned: token_embd\.weight\)",
+    "kv_heads": r"llama\.attention\.head_count_kv is 4, not 2",
+}
+
+
+@pytest.mark.parametrize(
+    ("damage", "quant"),
+    [(damage, quant) for damage in ("value", "rows", "byte") for quant in GGUF_TYPES]
+    + [("plan", "f16"), ("kv_heads", "f16")],
+)
+def test_a_file_that_differs_from_the_plan_is_refused_and_nothing_is_published(
+    tiny_model_dir, tmp_path, damage, quant, monkeypatch
+):
+    if damage == "value":
+        monkeypatch.setattr(export, "_encode", _perturbed("blk.1.attn_k.weight"))
+    elif damage == "rows":
+        monkeypatch.setattr(export, "_permuted", lambda array, tensor: np.ascontiguousarray(array))
+    elif damage == "kv_heads":
+        add = gguf.GGUFWriter.add_head_count_kv
+        monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda writer, count: add(writer, 2 * count))
+    else:
+        monkeypatch.setattr(export, "verify_gguf", _damaging(damage))
+    with pytest.raises(VerificationError, match="^verify: " + DAMAGE[damage].format(quant=quant.upper())) as error:
+        write_gguf(tiny_model_dir, tmp_path / "model.gguf", quant)
+    assert error.value.exit_code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def _export_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`peft export ARGS` in this process (so a test can patch the writer): exit code, stdout, stderr."""
+    from peftcli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["peft", "export", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def test_cli_verifies_by_default_exits_1_on_a_difference_and_no_verify_skips(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "model.gguf"
+    args = (str(tiny_model_dir), "--format", "gguf", "--quant", "q8_0", "-o", str(out))
+    code, stdout, _ = _export_in_process(monkeypatch, capsys, *args)
+    assert code == 0 and out.is_file()
+    assert "verify: read back the metadata and 21 tensors, each within its storage type's rounding bound; worst " in (
+        stdout
+    )
+    written = out.read_bytes()
+
+    monkeypatch.setattr(export, "_encode", _perturbed("blk.0.ffn_down.weight"))
+    code, stdout, stderr = _export_in_process(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 1 and "verify:" not in stdout
+    assert stderr.startswith("error: verify: blk.0.ffn_down.weight read back from the file differs "), stderr
+    assert out.read_bytes() == written and list(tmp_path.iterdir()) == [out]  # the earlier file stays as it was
+
+    code, stdout, _ = _export_in_process(monkeypatch, capsys, *args, "--overwrite", "--no-verify")
+    assert code == 0 and "verify" not in stdout and out.read_bytes() != written
+
+
+def test_a_run_on_a_gguf_base_exports_to_gguf_and_verifies(tiny_model_dir, tmp_path):
+    """The merge reads a GGUF base dequantized whole; the file is checked against that merge."""
+    base = write_gguf(tiny_model_dir, tmp_path / "base" / "tiny.gguf", "f32")
+    checks = []
+    _, out, notes = _lora_run_to_gguf(tiny_model_dir, tmp_path, base=base, quant="q8_0", on_verified=checks.append)
+    assert any("GGUF base tiny.gguf was dequantized" in note for note in notes), notes
+    assert checks[0].tensors == len(gguf.GGUFReader(out).tensors) and checks[0].worst.ratio <= 1
+    stored = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    v_proj = gguf.quants.dequantize(stored["blk.0.attn_v.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    base_v = next(t.data for t in gguf.GGUFReader(base).tensors if t.name == "blk.0.attn_v.weight")
+    assert np.abs(v_proj - base_v).max() > 0.05  # the adapter was merged, far beyond q8_0's rounding
 
 
 # ---------------------------------------------------------------- llama.cpp itself (xllamacpp)
@@ -671,10 +801,11 @@ def test_llama_cpp_tokenizes_like_a_qwen2_tokenizer(tmp_path):
     assert llama == [hf.encode(text) for text in texts]
 
 
-def _lora_run_to_gguf(model_dir: Path, tmp_path: Path):
-    """LoRA (tied embedding included) on `model_dir`, moved off identity, saved as a run and exported straight
-    to an f32 GGUF; returns the adapted model, the file and the merge's notes."""
+def _lora_run_to_gguf(model_dir: Path, tmp_path: Path, base: Path | None = None, quant: str = "f32", **options):
+    """LoRA (tied embedding included) on `model_dir`, moved off identity, saved as a run (on `base`, default
+    `model_dir`) and exported straight to a GGUF; returns the adapted model, the file and the merge's notes."""
     import yaml
+    from transformers import AutoTokenizer
 
     from peftcli.export.gguf import write_gguf_from_run
     from peftcli.tuners.adapter import apply_adapter, save_adapter
@@ -688,10 +819,12 @@ def _lora_run_to_gguf(model_dir: Path, tmp_path: Path):
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    run = tmp_path / "run"
-    save_adapter(model, run, base_model_name_or_path=str(model_dir))
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
-    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    run, base = tmp_path / "run", base or model_dir
+    save_adapter(model, run, base_model_name_or_path=str(base))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)}}))
+    if base != model_dir:  # as training saves it: the GGUF writer needs a tokenizer.json
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(run)
+    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", quant, **options)
     return model, out, notes
 
 
