@@ -123,7 +123,7 @@ def _export_gguf(
 def _report_gguf_check(check) -> None:
     worst, line = check.worst, f"verify: read back the metadata and {check.tensors} tensors"
     if worst.error == 0:
-        typer.echo(f"{line}: every tensor as written, bit for bit")
+        typer.echo(f"{line}: every value exactly that of the weights it was written from")
         return
     typer.echo(
         f"{line}, each within its storage type's rounding bound; worst {worst.name} ({worst.qtype}) at "

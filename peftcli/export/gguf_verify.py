@@ -142,7 +142,7 @@ def _check_tensor(fd: int, stored, planned, source: np.ndarray) -> TensorCheck:
     source = source.reshape(rows, cols)
     order = _source_rows(rows, planned.heads) if planned.heads else None
     step = max(1, CHUNK_ELEMENTS // cols)
-    worst = TensorCheck(name, qtype.name, 0.0, 0.0, 0.0)
+    worst = None
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         raw = os.pread(fd, (stop - start) * row_bytes, int(stored.data_offset) + start * row_bytes)
@@ -151,7 +151,9 @@ def _check_tensor(fd: int, stored, planned, source: np.ndarray) -> TensorCheck:
         data = np.frombuffer(raw, dtype=np.uint8).reshape(stop - start, row_bytes)
         read = gguf.quants.dequantize(data, qtype).reshape(stop - start, cols)
         want = source[start:stop] if order is None else source[order[start:stop]]
-        worst = max(worst, _compare(name, qtype, read, want), key=lambda c: c.ratio)
+        check = _compare(name, qtype, read, want)
+        if worst is None or check.ratio > worst.ratio:
+            worst = check
     return worst
 
 
