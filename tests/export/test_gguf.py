@@ -305,6 +305,26 @@ def test_every_tensor_reads_back_within_its_storage_bound(tiny_model_dir, tmp_pa
         assert check.worst.qtype == quant.upper() and 0.5 < check.worst.ratio <= 1, check.worst
 
 
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
+def test_the_bounds_hold_for_values_of_every_size(quant):
+    """Values from 1e-12 (f16 subnormals, Q8_0 scales that underflow) to 6e4, zero blocks and lone spikes: gguf's
+    own rounding stays within each bound, and reaches it (the bounds are not loose)."""
+    from peftcli.export.gguf_verify import _bound
+
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    generator = np.random.default_rng(0)
+    scales = np.float32([1e-12, 1e-8, 3e-6, 1e-3, 0.02, 1.0, 100.0, 6e4])
+    values = (generator.standard_normal((len(scales), 200, 64)) * scales[:, None, None]).astype(np.float32)
+    values = np.clip(values.reshape(-1, 64), -65000, 65000)  # within f16's range
+    values[::7, :32] = 0
+    values[::11, 5] = 2.0 ** generator.integers(-30, 15, size=values[::11].shape[0])
+    read = gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype).reshape(values.shape)
+    bound = _bound(values, qtype)
+    error = np.abs(read - values)
+    assert (error <= bound).all()
+    assert (error / np.where(bound > 0, bound, 1)).max() > 0.95
+
+
 def _perturbed(name: str):
     """The encoder, with one value of tensor `name` moved by 2% of the tensor's largest before encoding."""
     encode = export._encode
