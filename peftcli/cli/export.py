@@ -53,8 +53,10 @@ def export(
         True,
         "--verify/--no-verify",
         help="safetensors: before publishing, compare the merged model's logits with base + adapter (both fp32) "
-        "and fail beyond what the dtype's rounding explains. gguf-lora: read the file back, every factor within "
-        "its type's rounding. peft and lora always read back what they wrote.",
+        "and fail beyond what the dtype's rounding explains. gguf: read the file back and compare its metadata "
+        "and every tensor with the weights it was written from, within the --quant type's rounding bound. "
+        "gguf-lora: read the file back, every factor within its type's rounding. peft and lora always read back "
+        "what they wrote.",
     ),
 ) -> None:
     """Export a trained adapter (or a model) for deployment."""
@@ -74,7 +76,7 @@ def export(
     elif fmt == "peft":
         _export_peft(source, output or default_output(source, "peft"), overwrite, is_adapter)
     elif fmt == "gguf":
-        _export_gguf(source, output, quant or "f16", base, overwrite, is_adapter)
+        _export_gguf(source, output, quant or "f16", base, overwrite, is_adapter, verify)
     elif fmt == "lora":
         _export_lora(source, output, rank, energy, base, overwrite, is_adapter)
     elif fmt == "gguf-lora":
@@ -107,7 +109,9 @@ def _warn_for_servers(adapter_dir: Path) -> None:
         typer.echo(f"warning: {line}", err=True)
 
 
-def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite: bool, is_adapter: bool) -> None:
+def _export_gguf(
+    source: Path, output: Path | None, quant: str, base, overwrite: bool, is_adapter: bool, verify: bool = True
+) -> None:
     from peftcli.errors import PeftCliError
     from peftcli.export.gguf import GGUF_TYPES, write_gguf, write_gguf_from_run
 
@@ -117,13 +121,25 @@ def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite:
     clean_before_writing(output)
     if output.exists() and not overwrite:
         raise PeftCliError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
+    options = {"overwrite": overwrite, "verify": verify, "on_verified": _report_gguf_check}
     if is_adapter:  # merged tensor by tensor straight into the file (fp32, so the GGUF type is the only rounding)
-        _, notes = write_gguf_from_run(source, output, quant, base=base, overwrite=overwrite)
+        _, notes = write_gguf_from_run(source, output, quant, base=base, **options)
         for note in notes:
             typer.echo(f"note: {note}")
     else:
-        write_gguf(source, output, quant, overwrite=overwrite)
+        write_gguf(source, output, quant, **options)
     typer.echo(f"wrote GGUF ({quant}) -> {output}")
+
+
+def _report_gguf_check(check) -> None:
+    worst, line = check.worst, f"verify: read back the metadata and {check.tensors} tensors"
+    if worst.error == 0:
+        typer.echo(f"{line}: every value exactly that of the weights it was written from")
+        return
+    typer.echo(
+        f"{line}, each within its storage type's rounding bound; worst {worst.name} ({worst.qtype}) at "
+        f"{worst.ratio:.2f} of its bound (|error| {worst.error:.3g}, bound {worst.bound:.3g})"
+    )
 
 
 def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_adapter: bool) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from peftcli.errors import PeftCliError
 from peftcli.export.gguf_tokenizer import add_tokenizer
+from peftcli.export.gguf_verify import GGUFCheck, verify_gguf
 from peftcli.train.safe_write import check_space, staged_file
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -82,13 +84,17 @@ def write_gguf(
     *,
     metadata_name: str | None = None,
     overwrite: bool = False,
+    verify: bool = True,
+    on_verified: Callable[[GGUFCheck], None] | None = None,
 ) -> Path:
     """Export `model_dir` (config.json, safetensors, tokenizer.json) to the GGUF file `out_file`; return its path.
 
     quant: f32, f16, bf16 or q8_0 for the matrices. As in llama.cpp's own converter, 1-D tensors (norms) always
     stay f32, and with q8_0 a matrix whose rows are not a multiple of the Q8_0 block size (32) is stored as f16.
     The file is written under a temporary name in the same directory and renamed at the end, so a failed export
-    leaves nothing behind; an existing `out_file` is replaced only with `overwrite`.
+    leaves nothing behind; an existing `out_file` is replaced only with `overwrite`. With `verify` the file is
+    read back before that rename (peftcli.export.gguf_verify) and `on_verified` gets the result; a difference
+    beyond rounding raises VerificationError and publishes nothing.
     """
     from peftcli.export.base_checkpoint import BaseCheckpoint
 
@@ -98,18 +104,29 @@ def write_gguf(
     try:
         shapes = {name: shape for name, (shape, _) in checkpoint.shapes.items()}
         name = metadata_name or model_dir.resolve().name
-        return _write(shapes, checkpoint.read, config, model_dir, Path(out_file), quant, name, overwrite)
+        check = _write(shapes, checkpoint.read, config, model_dir, Path(out_file), quant, name, overwrite, verify)
     finally:
         checkpoint.close()
+    if check and on_verified:
+        on_verified(check)
+    return Path(out_file)
 
 
 def write_gguf_from_run(
-    run_dir: str | Path, out_file: str | Path, quant: str = "f16", *, base: str | None = None, overwrite: bool = False
+    run_dir: str | Path,
+    out_file: str | Path,
+    quant: str = "f16",
+    *,
+    base: str | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    on_verified: Callable[[GGUFCheck], None] | None = None,
 ) -> tuple[Path, list[str]]:
     """Merge a run's adapter into its base straight into a GGUF file; returns the file and the merge's notes.
 
     Each merged tensor goes from the merge to the quantizer to the file, in fp32 one at a time: no merged
-    copy of the model is staged anywhere, so memory stays near the largest tensor.
+    copy of the model is staged anywhere, so memory stays near the largest tensor. `verify` and `on_verified`
+    as for write_gguf: the file is compared with the merged tensors, merged again one at a time.
     """
     import torch
 
@@ -134,14 +151,27 @@ def write_gguf_from_run(
         shapes = {key: source.shape(key) for key in source.output_keys()}
         tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else source.base_dir
         name = run_dir.resolve().name
-        out = _write(shapes, source.read, config, tokenizer_dir, Path(out_file), quant, name, overwrite)
+        check = _write(shapes, source.read, config, tokenizer_dir, Path(out_file), quant, name, overwrite, verify)
     finally:
         source.close()
-    return out, source.notes
+    if check and on_verified:
+        on_verified(check)
+    return Path(out_file), source.notes
 
 
-def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quant: str, name: str, overwrite: bool):
-    """The GGUF file from tensor shapes (HF names) and `read(name)`, one tensor in memory at a time."""
+def _write(
+    shapes,
+    read,
+    config: dict,
+    tokenizer_dir: Path,
+    out_file: Path,
+    quant: str,
+    name: str,
+    overwrite: bool,
+    verify: bool,
+) -> GGUFCheck | None:
+    """The GGUF file from tensor shapes (HF names) and `read(name)`, one tensor in memory at a time; with
+    `verify`, read back and compared with `read` before it is published."""
     if quant not in GGUF_TYPES:
         raise PeftCliError(f"unknown gguf type {quant!r}; choose one of {', '.join(GGUF_TYPES)}")
     if out_file.exists() and not overwrite:  # before the work; staged_file checks again at the end
@@ -162,10 +192,30 @@ def _write(shapes, read, config: dict, tokenizer_dir: Path, out_file: Path, quan
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in tensors:
-                writer.write_tensor_data(_encode(_load(t, read), t))
+                writer.write_tensor_data(_encode(_permuted(_source(t, read), t), t))
         finally:
             writer.close()
-    return out_file
+        if verify:
+            expected = _expected_metadata(config, n_vocab)
+            return verify_gguf(tmp, tensors, lambda t: _source(t, read), expected, n_vocab)
+    return None
+
+
+def _expected_metadata(config: dict, n_vocab: int) -> dict[str, object]:
+    """What llama.cpp sizes the model by, as the file must state it."""
+    arch = gguf.MODEL_ARCH_NAMES[_llama_cpp_arch(config)]
+    keys = gguf.Keys.LLM, gguf.Keys.Attention
+    heads = config["num_attention_heads"]
+    return {
+        gguf.Keys.General.ARCHITECTURE: arch,
+        keys[0].BLOCK_COUNT.format(arch=arch): config["num_hidden_layers"],
+        keys[0].EMBEDDING_LENGTH.format(arch=arch): config["hidden_size"],
+        keys[0].FEED_FORWARD_LENGTH.format(arch=arch): config["intermediate_size"],
+        keys[0].CONTEXT_LENGTH.format(arch=arch): _context_length(config),
+        keys[0].VOCAB_SIZE.format(arch=arch): n_vocab,
+        keys[1].HEAD_COUNT.format(arch=arch): heads,
+        keys[1].HEAD_COUNT_KV.format(arch=arch): config.get("num_key_value_heads") or heads,
+    }
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -396,8 +446,8 @@ def _storage_type(shape: tuple[int, ...], quant: str) -> gguf.GGMLQuantizationTy
     return qtype
 
 
-def _load(t: _Tensor, read) -> np.ndarray:
-    """One tensor as float32, permuted for llama.cpp when it is q_proj or k_proj."""
+def _source(t: _Tensor, read) -> np.ndarray:
+    """One tensor's values as float32, in HF's layout: what the file must hold up to rounding and row order."""
     if t.data is not None:
         return t.data
     import torch
@@ -405,6 +455,11 @@ def _load(t: _Tensor, read) -> np.ndarray:
     array = read(t.source).to(torch.float32).numpy()
     if t.shift:
         array = array + np.float32(t.shift)
+    return array
+
+
+def _permuted(array: np.ndarray, t: _Tensor) -> np.ndarray:
+    """`array` in the row order llama.cpp wants: q_proj and k_proj rows interleaved, others as they are."""
     if t.heads:
         array = permute_rows(array, t.heads)
     return np.ascontiguousarray(array)

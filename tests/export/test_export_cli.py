@@ -98,6 +98,10 @@ def test_export_gguf_from_a_run_merges_first(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert out.is_file() and out.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"], "the scratch merge is gone"
+    # read back against the merged weights before it was published
+    assert "verify: read back the metadata and 21 tensors, each within its storage type's rounding bound" in (
+        result.stdout
+    )
     again = run_cli("export", str(trained_run), "--format", "gguf", "-o", str(out))
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
 

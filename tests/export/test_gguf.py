@@ -7,20 +7,20 @@ import functools
 import json
 import shutil
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
-from peftcli.errors import PeftCliError
+from peftcli.errors import PeftCliError, VerificationError
 from peftcli.examples.tiny import build_llama, build_tokenizer, write_tiny_model
 from peftcli.export import gguf as export
 from peftcli.export.gguf import GGUF_TYPES, write_gguf
 from peftcli.export.gguf_tokenizer import QWEN2_SPLIT
-
-from support import run_cli
 
 # Measured on the tiny Llama (|logits| up to ~7) over 4 model seeds x 4 sequences of 24 tokens, max / mean of
 # |GGUF logits - HF fp32 logits| after transformers' GGUF loader: f32 0 / 0 (bit-exact); f16 0.024 / 0.002;
@@ -289,6 +289,154 @@ def test_a_failed_export_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     assert len(calls) == 3 and list(tmp_path.iterdir()) == []
 
 
+# ---------------------------------------------------------------- reading the file back (--verify, the default)
+
+
+@pytest.mark.parametrize("quant", GGUF_TYPES)
+def test_every_tensor_reads_back_within_its_storage_bound(tiny_model_dir, tmp_path, quant):
+    checks = []
+    out = write_gguf(tiny_model_dir, tmp_path / "model.gguf", quant, on_verified=checks.append)
+    [check] = checks
+    assert check.tensors == len(gguf.GGUFReader(out).tensors) == 21
+    if quant == "f32":
+        assert check.worst.error == 0
+    else:
+        # Rounding reaches the bound (a tie lands on it): the bound is what the type allows, no looser.
+        assert check.worst.qtype == quant.upper() and 0.5 < check.worst.ratio <= 1, check.worst
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
+def test_the_bounds_hold_for_values_of_every_size(quant):
+    """Values from 1e-12 (f16 subnormals, Q8_0 scales that underflow) to 6e4, zero blocks and lone spikes: gguf's
+    own rounding stays within each bound, and reaches it (the bounds are not loose)."""
+    from peftcli.export.gguf_verify import _bound
+
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    generator = np.random.default_rng(0)
+    scales = np.float32([1e-12, 1e-8, 3e-6, 1e-3, 0.02, 1.0, 100.0, 6e4])
+    values = (generator.standard_normal((len(scales), 200, 64)) * scales[:, None, None]).astype(np.float32)
+    values = np.clip(values.reshape(-1, 64), -65000, 65000)  # within f16's range
+    values[::7, :32] = 0
+    values[::11, 5] = 2.0 ** generator.integers(-30, 15, size=values[::11].shape[0])
+    read = gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype).reshape(values.shape)
+    bound = _bound(values, qtype)
+    error = np.abs(read - values)
+    assert (error <= bound).all()
+    assert (error / np.where(bound > 0, bound, 1)).max() > 0.95
+
+
+def _perturbed(name: str):
+    """The encoder, with one value of tensor `name` moved by 2% of the tensor's largest before encoding."""
+    encode = export._encode
+
+    def perturbed(array, tensor):
+        if tensor.name == name:
+            array = array.copy()
+            array.flat[5] += 0.02 * np.abs(array).max()
+        return encode(array, tensor)
+
+    return perturbed
+
+
+def _damaging(what: str):
+    """verify_gguf, after damaging the staged file (or the plan it is checked against) as `what` says."""
+    verify = export.verify_gguf
+
+    def damage_then_verify(path, planned, *args):
+        if what == "byte":  # the highest byte of the last value (Q8_0: the last int8), as a failing disk might
+            tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_up.weight")
+            with path.open("r+b") as file:
+                file.seek(tensor.data_offset + tensor.n_bytes - 1)
+                byte = file.read(1)[0]
+                file.seek(-1, 1)
+                file.write(bytes([byte ^ 0x40]))
+        elif what == "plan":
+            planned = planned[:-1]
+        return verify(path, planned, *args)
+
+    return damage_then_verify
+
+
+DAMAGE = {  # what is done -> the error it must give ({quant}: the storage type)
+    # one value off by 2% of its tensor's largest, in a q/k tensor (read through the row interleaving)
+    "value": r"blk\.1\.attn_k\.weight read back from the file differs from the weights it was written from by "
+    r"[0-9.e-]+, beyond the [0-9.e-]+ that {quant} rounding allows; nothing was written",
+    "rows": r"blk\.0\.attn_k\.weight read back .* beyond the [0-9.e-]+ that {quant} rounding",  # q/k in HF's order
+    "byte": r"blk\.0\.ffn_up\.weight read back .* beyond the [0-9.e-]+ that {quant} rounding",  # flipped after writing
+    "plan": r"the file's tensors are not the planned ones \(missing: none; not planned: token_embd\.weight\)",
+    "kv_heads": r"llama\.attention\.head_count_kv is 4, not 2",
+}
+
+
+@pytest.mark.parametrize(
+    ("damage", "quant"),
+    [(damage, quant) for damage in ("value", "rows", "byte") for quant in GGUF_TYPES]
+    + [("plan", "f16"), ("kv_heads", "f16")],
+)
+def test_a_file_that_differs_from_the_plan_is_refused_and_nothing_is_published(
+    tiny_model_dir, tmp_path, damage, quant, monkeypatch
+):
+    if damage == "value":
+        monkeypatch.setattr(export, "_encode", _perturbed("blk.1.attn_k.weight"))
+    elif damage == "rows":
+        monkeypatch.setattr(export, "_permuted", lambda array, tensor: np.ascontiguousarray(array))
+    elif damage == "kv_heads":
+        add = gguf.GGUFWriter.add_head_count_kv
+        monkeypatch.setattr(gguf.GGUFWriter, "add_head_count_kv", lambda writer, count: add(writer, 2 * count))
+    else:
+        monkeypatch.setattr(export, "verify_gguf", _damaging(damage))
+    with pytest.raises(VerificationError, match="^verify: " + DAMAGE[damage].format(quant=quant.upper())) as error:
+        write_gguf(tiny_model_dir, tmp_path / "model.gguf", quant)
+    assert error.value.exit_code == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def _export_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`peft export ARGS` in this process (so a test can patch the writer): exit code, stdout, stderr."""
+    from peftcli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["peft", "export", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def test_cli_verifies_by_default_exits_1_on_a_difference_and_no_verify_skips(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "model.gguf"
+    args = (str(tiny_model_dir), "--format", "gguf", "--quant", "q8_0", "-o", str(out))
+    code, stdout, _ = _export_in_process(monkeypatch, capsys, *args)
+    assert code == 0 and out.is_file()
+    assert "verify: read back the metadata and 21 tensors, each within its storage type's rounding bound; worst " in (
+        stdout
+    )
+    written = out.read_bytes()
+
+    monkeypatch.setattr(export, "_encode", _perturbed("blk.0.ffn_down.weight"))
+    code, stdout, stderr = _export_in_process(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 1 and "verify:" not in stdout
+    assert stderr.startswith("error: verify: blk.0.ffn_down.weight read back from the file differs "), stderr
+    assert out.read_bytes() == written and list(tmp_path.iterdir()) == [out]  # the earlier file stays as it was
+
+    code, stdout, _ = _export_in_process(monkeypatch, capsys, *args, "--overwrite", "--no-verify")
+    assert code == 0 and "verify" not in stdout and out.read_bytes() != written
+
+
+def test_a_run_on_a_gguf_base_exports_to_gguf_and_verifies(tiny_model_dir, tmp_path):
+    """The merge reads a GGUF base dequantized whole; the file is checked against that merge."""
+    base = write_gguf(tiny_model_dir, tmp_path / "base" / "tiny.gguf", "f32")
+    checks = []
+    _, out, notes = _lora_run_to_gguf(tiny_model_dir, tmp_path, base=base, quant="q8_0", on_verified=checks.append)
+    assert any("GGUF base tiny.gguf was dequantized" in note for note in notes), notes
+    assert checks[0].tensors == len(gguf.GGUFReader(out).tensors) and checks[0].worst.ratio <= 1
+    stored = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    v_proj = gguf.quants.dequantize(stored["blk.0.attn_v.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    base_v = next(t.data for t in gguf.GGUFReader(base).tensors if t.name == "blk.0.attn_v.weight")
+    assert np.abs(v_proj - base_v).max() > 0.05  # the adapter was merged, far beyond q8_0's rounding
+
+
 # ---------------------------------------------------------------- llama.cpp itself (xllamacpp)
 
 
@@ -495,20 +643,20 @@ def test_llama_cpp_splits_digits_like_a_smollm_tokenizer(tmp_path):
 # ---------------------------------------------------------------- the real SmolLM2 (slow)
 
 
-def _smollm2_run(tmp_path: Path) -> tuple[Path, Path]:
-    """SmolLM2 with a LoRA adapter that moves its logits, saved as a training run leaves it."""
+def _smollm2_run(tmp_path: Path, ids: list[int]):
+    """SmolLM2 with a LoRA adapter that moves its logits, saved as a training run leaves it; returns the run, the
+    adapted model and the base model's logits on `ids` (taken before the adapter went on: one load for both)."""
     import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from peftcli.examples.assets import cache_dir
     from peftcli.tuners.adapter import apply_adapter, save_adapter
     from peftcli.tuners.protocol import AdapterContext
     from peftcli.tuners.registry import get_tuner
 
-    model_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if not (model_dir / "config.json").is_file():
-        pytest.skip(f"{model_dir} is not downloaded")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model_dir = _smollm2_dir()
+    model = _hf_model(model_dir)
+    with torch.no_grad():
+        base_logits = model(torch.tensor([ids])).logits[0]
     torch.manual_seed(0)  # A's initialisation
     apply_adapter(model, get_tuner("lora").params(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), AdapterContext())
     gen = torch.Generator().manual_seed(0)
@@ -520,28 +668,41 @@ def _smollm2_run(tmp_path: Path) -> tuple[Path, Path]:
     save_adapter(model, run, base_model_name_or_path=str(model_dir))
     (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(run)
-    return model_dir, run
+    return run, model.eval(), base_logits
+
+
+def _smollm2_dir() -> Path:
+    from peftcli.examples.assets import cache_dir
+
+    model_dir = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (model_dir / "config.json").is_file():
+        pytest.skip(f"{model_dir} is not downloaded")
+    return model_dir
 
 
 @pytest.mark.slow
-def test_smollm2_with_an_adapter_exports_to_gguf_that_llama_cpp_runs_like_transformers(tmp_path, one_torch_thread):
-    """`peft export RUN --format gguf` on the real SmolLM2 + LoRA, at f16 and q8_0: transformers and llama.cpp read
-    the files back with our tokenizer ids and logits/greedy tokens of base + adapter."""
+def test_smollm2_with_an_adapter_exports_to_gguf_that_llama_cpp_runs_like_transformers(
+    tmp_path, one_torch_thread, monkeypatch, capsys
+):
+    """`peft export RUN --format gguf` on the real SmolLM2 + LoRA, at f16 and q8_0: each file is read back tensor
+    by tensor against the merged weights on export; transformers reads the f16 one with the logits and greedy
+    tokens of base + adapter; llama.cpp runs both with our tokenizer ids and base + adapter's greedy tokens (f16)
+    or log-probabilities within q8_0's limit.
+
+    transformers' GGUF reader (about 20 s a load here) reads only the f16 file: the q8_0 file's weights are the
+    ones the export checked against base + adapter within Q8_0's rounding bound, and transformers' un-permuting
+    of each type is checked on the tiny models."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftcli.tuners.adapter import load_adapter
-
-    model_dir, run = _smollm2_run(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_dir())
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
     )
     ids = tokenizer.encode(chat)
-    adapted = _hf_model(model_dir)
-    load_adapter(adapted, run)
+    run, adapted, base_logits = _smollm2_run(tmp_path, ids)
     with torch.no_grad():
         expected = adapted(torch.tensor([ids])).logits[0]
-        moved = (expected - _hf_model(model_dir)(torch.tensor([ids])).logits[0]).abs().max().item()
+    moved = (expected - base_logits).abs().max().item()
     assert moved > 0.1, "the adapter must change the model, or the export would not show it was merged"
     greedy = _hf_greedy(adapted, ids, 8)
     assert "Paris" in tokenizer.decode(greedy)
@@ -549,33 +710,42 @@ def test_smollm2_with_an_adapter_exports_to_gguf_that_llama_cpp_runs_like_transf
     files = {}
     for quant in ("f16", "q8_0"):
         files[quant] = tmp_path / quant / f"smollm2-{quant}.gguf"
-        result = run_cli("export", str(run), "--format", "gguf", "--quant", quant, "--output", str(files[quant]))
-        assert result.returncode == 0, result.stderr
-        assert f"wrote GGUF ({quant})" in result.stdout
-    # transformers' GGUF reader takes ~25 s on a 49k vocabulary per load
-    # measured on this prompt (logits up to 37.7): f16 0.20, q8_0 1.35; the limits leave about 2x room
-    limits = {"f16": 0.4, "q8_0": 2.5}
+        code, stdout, stderr = _export_in_process(
+            monkeypatch, capsys, str(run), "--format", "gguf", "--quant", quant, "--output", str(files[quant])
+        )
+        assert code == 0, stderr
+        assert f"wrote GGUF ({quant})" in stdout
+        # measured: worst at 1.00 of its bound for f16 (a tie), 0.99 for q8_0
+        assert "verify: read back the metadata and 272 tensors, each within its storage type's rounding" in stdout
+
+    # measured on this prompt (logits up to 37.7): f16 0.20; the limit leaves about 2x room
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "f16", gguf_file=files["f16"].name, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (loaded.eval()(torch.tensor([ids])).logits[0] - expected).abs().max().item()
+    assert diff < 0.4, diff
+    assert _hf_greedy(loaded, ids, 8) == greedy
+    del loaded
+
     for quant, path in files.items():
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        with torch.no_grad():
-            diff = (loaded(torch.tensor([ids])).logits[0] - expected).abs().max().item()
-        assert diff < limits[quant], (quant, diff)
-        if quant == "f16":
-            assert _hf_greedy(loaded, ids, 8) == greedy
-        del loaded
         with llama_server(path) as post:
             assert post("/tokenize", {"content": chat})["tokens"] == ids
-            reply = post("/completion", {"prompt": chat, "n_predict": 8, "temperature": 0, "return_tokens": True})
+            body = {"prompt": chat, "n_predict": 8, "temperature": 0, "return_tokens": True, "n_probs": 20}
+            reply = post("/completion", body)
         if quant == "f16":
             assert reply["tokens"][:6] == greedy[:6], (quant, reply["tokens"], greedy)
             continue
-        # q8_0 moves logits by up to its limit, more than the top-2 gap of this prompt's first answer token
-        # (0.38): each token llama.cpp picks must be within that limit of the best one of base + adapter.
-        tokens = reply["tokens"]
+        # q8_0 moves log-probs by up to 0.67 here (limit 1.5), more than the top-2 gap of this prompt's first
+        # answer token (0.38): each token llama.cpp picks must be within that limit of the best one of base +
+        # adapter, and the first step's top 20 log-probs within it of base + adapter's.
+        tokens, limit = reply["tokens"], 1.5
         with torch.no_grad():
-            rows = adapted(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1]
+            rows = torch.log_softmax(adapted(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1], -1)
         for step, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-            assert row[token] >= row.max() - limits[quant], (quant, step, token, row.max().item(), row[token].item())
+            assert row[token] >= row.max() - limit, (quant, step, token, row.max().item(), row[token].item())
+        first = reply["completion_probabilities"][0]
+        assert first["id"] == tokens[0]
+        for top in first["top_logprobs"]:
+            assert abs(top["logprob"] - rows[0, top["id"]].item()) <= limit, (top, rows[0, top["id"]].item())
 
 
 # ---------------------------------------------------------------- Qwen2 and Qwen3
@@ -677,10 +847,11 @@ def test_llama_cpp_tokenizes_like_a_qwen2_tokenizer(tmp_path):
     assert llama == [hf.encode(text) for text in texts]
 
 
-def _lora_run_to_gguf(model_dir: Path, tmp_path: Path):
-    """LoRA (tied embedding included) on `model_dir`, moved off identity, saved as a run and exported straight
-    to an f32 GGUF; returns the adapted model, the file and the merge's notes."""
+def _lora_run_to_gguf(model_dir: Path, tmp_path: Path, base: Path | None = None, quant: str = "f32", **options):
+    """LoRA (tied embedding included) on `model_dir`, moved off identity, saved as a run (on `base`, default
+    `model_dir`) and exported straight to a GGUF; returns the adapted model, the file and the merge's notes."""
     import yaml
+    from transformers import AutoTokenizer
 
     from peftcli.export.gguf import write_gguf_from_run
     from peftcli.tuners.adapter import apply_adapter, save_adapter
@@ -694,10 +865,12 @@ def _lora_run_to_gguf(model_dir: Path, tmp_path: Path):
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    run = tmp_path / "run"
-    save_adapter(model, run, base_model_name_or_path=str(model_dir))
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}}))
-    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", "f32")
+    run, base = tmp_path / "run", base or model_dir
+    save_adapter(model, run, base_model_name_or_path=str(base))
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(base)}}))
+    if base != model_dir:  # as training saves it: the GGUF writer needs a tokenizer.json
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(run)
+    out, notes = write_gguf_from_run(run, tmp_path / "gguf" / "run.gguf", quant, **options)
     return model, out, notes
 
 
