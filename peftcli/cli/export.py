@@ -15,7 +15,9 @@ from peftcli.cli.merge import (
     run_merge,
 )
 
-DEFAULT_RANK = 16  # peftcli.export.as_lora.DEFAULT_RANK, repeated so that --help does not import torch
+# peftcli.export.as_lora's DEFAULT_RANK and DEFAULT_MAX_EFFECT_LOSS, repeated so that --help does not import torch
+DEFAULT_RANK = 16
+DEFAULT_MAX_EFFECT_LOSS = 0.5
 
 
 def export(
@@ -40,20 +42,29 @@ def export(
         help="lora: per layer, the smallest rank keeping this share of the squared singular values, e.g. 0.99 "
         "(ranks may differ: rank_pattern).",
     ),
+    max_effect_loss: float | None = typer.Option(
+        None,
+        "--max-effect-loss",
+        help="lora: fail (exit 1, nothing written) when the LoRA loses more than this share of the adapter's effect "
+        "on a few fixed prompts' logits, ||LoRA - adapter|| / ||adapter - base|| (0: exact; 1: as if there were no "
+        f"adapter). Default {DEFAULT_MAX_EFFECT_LOSS}: keep at least half. Raise --rank/--energy to lose less, or "
+        "raise this to accept the loss.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     verify: bool = typer.Option(
         True,
         "--verify/--no-verify",
         help="safetensors: before publishing, compare the merged model's logits with base + adapter (both fp32) "
-        "and fail beyond what the dtype's rounding explains. peft and lora always read back what they wrote.",
+        "and fail beyond what the dtype's rounding explains. peft and lora always read back what they wrote "
+        "(lora: through HF PEFT when installed, to fp32 rounding).",
     ),
 ) -> None:
     """Export a trained adapter (or a model) for deployment."""
     from peftcli.errors import PeftCliError
 
     check_dtype(dtype)
-    if fmt != "lora" and (rank is not None or energy is not None):
-        raise PeftCliError("--rank and --energy apply to --format lora only")
+    if fmt != "lora" and (rank is not None or energy is not None or max_effect_loss is not None):
+        raise PeftCliError("--rank, --energy and --max-effect-loss apply to --format lora only")
     is_adapter = (source / "adapter_config.json").is_file()
     if not is_adapter:
         refuse_unfinished_run(source)
@@ -67,7 +78,8 @@ def export(
     elif fmt == "gguf":
         _export_gguf(source, output, quant, base, overwrite, is_adapter)
     elif fmt == "lora":
-        _export_lora(source, output, rank, energy, base, overwrite, is_adapter)
+        bound = DEFAULT_MAX_EFFECT_LOSS if max_effect_loss is None else max_effect_loss
+        _export_lora(source, output, rank, energy, bound, base, overwrite, is_adapter)
     else:
         raise PeftCliError(f"--format: {fmt!r} is not one of safetensors, peft, gguf, lora")
 
@@ -115,18 +127,20 @@ def _export_gguf(source: Path, output: Path | None, quant: str, base, overwrite:
     typer.echo(f"wrote GGUF ({quant}) -> {output}")
 
 
-def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_adapter: bool) -> None:
+def _export_lora(source: Path, output, rank, energy, max_effect_loss, base, overwrite: bool, is_adapter: bool) -> None:
     from peftcli.errors import PeftCliError
     from peftcli.export.as_lora import REPORT_NAME, check_method, check_request, convert_to_lora
     from peftcli.tuners.adapter import read_adapter_config
 
     if not is_adapter:
         raise PeftCliError(f"{source}: no adapter_config.json; --format lora converts a run's adapter")
-    check_request(rank, energy)
+    check_request(rank, energy, max_effect_loss)
     check_method(read_adapter_config(source)[0])
     output = output or default_output(source, "lora")
     clean_before_writing(output)
-    result = convert_to_lora(source, output, rank=rank, energy=energy, base=base, overwrite=overwrite)
+    result = convert_to_lora(
+        source, output, rank=rank, energy=energy, max_effect_loss=max_effect_loss, base=base, overwrite=overwrite
+    )
     for note in result.notes:
         typer.echo(f"note: {note}")
     ranks = result.ranks
@@ -137,7 +151,12 @@ def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_a
         typer.echo(f"relative error per layer ||dW - BA|| / ||dW||: median {result.median_error:.3g}; worst {worst}")
     typer.echo(
         f"probe logits, base + LoRA vs base + original adapter: max |diff| {result.probe_max_abs:.3g} "
-        f"({result.probe_relative:.3g} of the largest logit)"
+        f"({result.probe_relative:.3g} of the largest logit); {result.effect_lost:.1%} of the adapter's effect lost "
+        f"(bound {result.max_effect_loss:g})"
+    )
+    typer.echo(
+        f"read back: {result.reader} loads the written adapter as computed (max |logit diff| "
+        f"{result.reload_max_abs:.3g}, bound {result.reload_tolerance:.3g})"
     )
     typer.echo(f"wrote the LoRA adapter (HF PEFT format; per-layer table in {REPORT_NAME}) -> {output}")
     _warn_for_servers(output)
