@@ -101,10 +101,13 @@ def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) 
 def _warn_for_servers(adapter_dir: Path) -> None:
     import json
 
+    from peftcli.export.safetensors_stream import read_header
     from peftcli.export.serving import serving_warnings
+    from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    for line in serving_warnings(config):
+    config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    tensors = {name: info.shape for name, info in read_header(adapter_dir / WEIGHTS_NAME)[0].items()}
+    for line in serving_warnings(config, tensors):
         typer.echo(f"warning: {line}", err=True)
 
 
