@@ -16,7 +16,9 @@ from peftcli.cli.merge import (
     run_merge,
 )
 
-DEFAULT_RANK = 16  # peftcli.export.as_lora.DEFAULT_RANK, repeated so that --help does not import torch
+# peftcli.export.as_lora's DEFAULT_RANK and DEFAULT_MAX_EFFECT_LOSS, repeated so that --help does not import torch
+DEFAULT_RANK = 16
+DEFAULT_MAX_EFFECT_LOSS = 0.5
 FORMATS = ("safetensors", "peft", "gguf", "lora", "gguf-lora")
 
 
@@ -48,6 +50,14 @@ def export(
         help="lora, gguf-lora: per layer, the smallest rank keeping this share of the squared singular values, "
         "e.g. 0.99 (ranks may differ: rank_pattern).",
     ),
+    max_effect_loss: float | None = typer.Option(
+        None,
+        "--max-effect-loss",
+        help="lora and gguf-lora's conversion: fail (exit 1, nothing written) when the LoRA loses more than this share of the adapter's effect "
+        "on a few fixed prompts' logits, ||LoRA - adapter|| / ||adapter - base|| (0: exact; 1: as if there were no "
+        f"adapter). Default {DEFAULT_MAX_EFFECT_LOSS}: keep at least half. Raise --rank/--energy to lose less, or "
+        "raise this to accept the loss.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     verify: bool = typer.Option(
         True,
@@ -56,15 +66,17 @@ def export(
         "and fail beyond what the dtype's rounding explains. gguf: read the file back and compare its metadata "
         "and every tensor with the weights it was written from, within the --quant type's rounding bound. "
         "gguf-lora: read the file back, every factor within its type's rounding. peft and lora always read back "
-        "what they wrote.",
+        "what they wrote (lora: through HF PEFT when installed, to fp32 rounding).",
     ),
 ) -> None:
     """Export a trained adapter (or a model) for deployment."""
     from peftcli.errors import PeftCliError
 
     check_dtype(dtype)
-    if fmt not in ("lora", "gguf-lora") and (rank is not None or energy is not None):
-        raise PeftCliError("--rank and --energy apply to --format lora and gguf-lora only")
+    converting = rank is not None or energy is not None or max_effect_loss is not None
+    if fmt not in ("lora", "gguf-lora") and converting:
+        raise PeftCliError("--rank, --energy and --max-effect-loss apply to --format lora and gguf-lora only")
+    bound = DEFAULT_MAX_EFFECT_LOSS if max_effect_loss is None else max_effect_loss
     is_adapter = (source / "adapter_config.json").is_file()
     if not is_adapter:
         refuse_unfinished_run(source)
@@ -78,9 +90,9 @@ def export(
     elif fmt == "gguf":
         _export_gguf(source, output, quant or "f16", base, overwrite, is_adapter, verify)
     elif fmt == "lora":
-        _export_lora(source, output, rank, energy, base, overwrite, is_adapter)
+        _export_lora(source, output, rank, energy, bound, base, overwrite, is_adapter)
     elif fmt == "gguf-lora":
-        _export_gguf_lora(source, output, quant or "f32", rank, energy, base, overwrite, verify, is_adapter)
+        _export_gguf_lora(source, output, quant or "f32", rank, energy, bound, base, overwrite, verify, is_adapter)
     else:
         raise PeftCliError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
@@ -102,10 +114,13 @@ def _export_peft(source: Path, output: Path, overwrite: bool, is_adapter: bool) 
 def _warn_for_servers(adapter_dir: Path) -> None:
     import json
 
+    from peftcli.export.safetensors_stream import read_header
     from peftcli.export.serving import serving_warnings
+    from peftcli.tuners.adapter import CONFIG_NAME, WEIGHTS_NAME
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    for line in serving_warnings(config):
+    config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    tensors = {name: info.shape for name, info in read_header(adapter_dir / WEIGHTS_NAME)[0].items()}
+    for line in serving_warnings(config, tensors):
         typer.echo(f"warning: {line}", err=True)
 
 
@@ -142,25 +157,27 @@ def _report_gguf_check(check) -> None:
     )
 
 
-def _export_lora(source: Path, output, rank, energy, base, overwrite: bool, is_adapter: bool) -> None:
+def _export_lora(source: Path, output, rank, energy, max_effect_loss, base, overwrite: bool, is_adapter: bool) -> None:
     from peftcli.errors import PeftCliError
     from peftcli.export.as_lora import REPORT_NAME, check_method, check_request, convert_to_lora
     from peftcli.tuners.adapter import read_adapter_config
 
     if not is_adapter:
         raise PeftCliError(f"{source}: no adapter_config.json; --format lora converts a run's adapter")
-    check_request(rank, energy)
+    check_request(rank, energy, max_effect_loss)
     check_method(read_adapter_config(source)[0])
     output = output or default_output(source, "lora")
     clean_before_writing(output)
-    result = convert_to_lora(source, output, rank=rank, energy=energy, base=base, overwrite=overwrite)
+    result = convert_to_lora(
+        source, output, rank=rank, energy=energy, max_effect_loss=max_effect_loss, base=base, overwrite=overwrite
+    )
     _report_conversion(result)
     typer.echo(f"wrote the LoRA adapter (HF PEFT format; per-layer table in {REPORT_NAME}) -> {output}")
     _warn_for_servers(output)
 
 
 def _report_conversion(result) -> None:
-    """What the SVD conversion kept: ranks, the per-layer error, the probe's logit difference."""
+    """What the SVD conversion kept: ranks, the per-layer error, the probe's logit difference, the read-back."""
     for note in result.notes:
         typer.echo(f"note: {note}")
     ranks = result.ranks
@@ -171,11 +188,18 @@ def _report_conversion(result) -> None:
         typer.echo(f"relative error per layer ||dW - BA|| / ||dW||: median {result.median_error:.3g}; worst {worst}")
     typer.echo(
         f"probe logits, base + LoRA vs base + original adapter: max |diff| {result.probe_max_abs:.3g} "
-        f"({result.probe_relative:.3g} of the largest logit)"
+        f"({result.probe_relative:.3g} of the largest logit); {result.effect_lost:.1%} of the adapter's effect lost "
+        f"(bound {result.max_effect_loss:g})"
+    )
+    typer.echo(
+        f"read back: {result.reader} loads the written adapter as computed (max |logit diff| "
+        f"{result.reload_max_abs:.3g}, bound {result.reload_tolerance:.3g})"
     )
 
 
-def _export_gguf_lora(source: Path, output, quant: str, rank, energy, base, overwrite, verify, is_adapter) -> None:
+def _export_gguf_lora(
+    source: Path, output, quant: str, rank, energy, max_effect_loss, base, overwrite, verify, is_adapter
+) -> None:
     """A LoRA adapter as llama.cpp's GGUF adapter; other methods (and DoRA) through the SVD conversion first,
     which must be asked for (--rank/--energy): it approximates, and says by how much."""
     import tempfile
@@ -197,10 +221,12 @@ def _export_gguf_lora(source: Path, output, quant: str, rank, energy, base, over
         from peftcli.export.as_lora import check_method, check_request, convert_to_lora
         from peftcli.tuners.adapter import read_adapter_config
 
-        check_request(rank, energy)
+        check_request(rank, energy, max_effect_loss)
         check_method(read_adapter_config(source)[0])
         with tempfile.TemporaryDirectory(prefix="peft-gguf-lora-") as tmp:
-            conversion = convert_to_lora(source, Path(tmp) / "lora", rank=rank, energy=energy, base=base)
+            conversion = convert_to_lora(
+                source, Path(tmp) / "lora", rank=rank, energy=energy, max_effect_loss=max_effect_loss, base=base
+            )
             if conversion.modules_to_save:
                 raise PeftCliError(
                     f"{source}: the method replaces whole modules ({', '.join(conversion.modules_to_save[:3])}), "

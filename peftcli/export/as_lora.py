@@ -9,8 +9,10 @@ outright (normalisation weights under LN tuning, a task head) become `modules_to
 whole-module copies. Biases of linear layers and other layer types have no LoRA form and are refused.
 
 The adapter is written with our own LoRA implementation and `save_adapter`, so the files are the HF PEFT
-format every other LoRA export uses; before it is published it is read back and compared tensor by tensor,
-and base + converted LoRA is compared with base + the original adapter on a few fixed prompts.
+format every other LoRA export uses. Before anything is published, two questions are checked on a few
+fixed prompts (peftcli/export/lora_fidelity.py): is what was written what was meant (read back bit for bit,
+and loaded by HF PEFT with the logits of the computed factors), and is the approximation as faithful as the
+user asked (--max-effect-loss). Either failing is a VerificationError (exit 1) with nothing written.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import AdapterError, PeftCliError, VerificationError
+from peftcli.export.lora_fidelity import check_fidelity, check_reload, effect_lost, max_abs_diff, probe
 from peftcli.export.merge import build_skeleton, open_merge, wrapper_chain
 from peftcli.train.run_dir import TOKENIZER_FILES, label_names
 from peftcli.train.safe_write import staged_dir
@@ -43,6 +46,7 @@ from peftcli.tuners.registry import get_tuner
 
 REPORT_NAME = "conversion.json"
 DEFAULT_RANK = 16
+DEFAULT_MAX_EFFECT_LOSS = 0.5
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,11 @@ class Conversion:
     modules_to_save: list[str]
     probe_max_abs: float  # max |logit difference|, base + converted LoRA vs base + original adapter
     probe_relative: float  # the same over max |logit| of the original
+    effect_lost: float  # ||LoRA - adapter|| / ||adapter - base|| over the probe logits (the gated share)
+    max_effect_loss: float  # the bound it was held to
+    reader: str  # what read the written adapter back for the logit check (HF PEFT, or peftcli without it)
+    reload_max_abs: float  # max |logit difference|, written adapter as `reader` loads it vs the computed factors
+    reload_tolerance: float  # what fp32 summation order explains
     seconds: float
     notes: list[str] = field(default_factory=list)
 
@@ -82,8 +91,13 @@ class Conversion:
         return sorted(self.layers, key=lambda fit: fit.relative_error, reverse=True)[:count]
 
 
-def check_request(rank: int | None, energy: float | None) -> None:
+def check_request(rank: int | None, energy: float | None, max_effect_loss: float = DEFAULT_MAX_EFFECT_LOSS) -> None:
     """Refuse impossible settings before anything is loaded."""
+    if not max_effect_loss >= 0:  # NaN too
+        raise PeftCliError(
+            f"--max-effect-loss: {max_effect_loss} must be at least 0, the share of the adapter's effect the LoRA may "
+            "lose (0.5: half)"
+        )
     if rank is not None and energy is not None:
         raise PeftCliError("--rank and --energy exclude each other: give a fixed rank or an energy to keep")
     if rank is not None and rank < 1:
@@ -243,22 +257,6 @@ def _fill(model: nn.Module, factors: dict, copies: dict) -> None:
                 named[f"{owner}.{leaf}"].data = value.to(torch.float32, copy=True)
 
 
-@torch.no_grad()
-def probe_logits(section, labels, adapter_dir: Path, tokenizer_dir: Path) -> list[torch.Tensor]:
-    """Logits of base + the adapter in `adapter_dir` (fp32) on the fixed prompts of `peft merge --verify`."""
-    from transformers import AutoTokenizer
-
-    from peftcli.export.verify import _inputs
-    from peftcli.models.load import load_base_model
-    from peftcli.tuners.adapter import load_adapter
-
-    section = section.model_copy(update={"dtype": "fp32"})
-    model = load_base_model(section, label_names=labels).eval()
-    load_adapter(model, adapter_dir)
-    batches = _inputs(AutoTokenizer.from_pretrained(tokenizer_dir), section.task)
-    return [model(**inputs).logits for inputs in batches]
-
-
 def _check_written(tmp: Path, expected: dict[str, torch.Tensor]) -> None:
     """The written file must hold exactly the computed tensors (all fp32, so exactly)."""
     written = read_adapter_weights(tmp)
@@ -279,15 +277,18 @@ def convert_to_lora(
     *,
     rank: int | None = None,
     energy: float | None = None,
+    max_effect_loss: float = DEFAULT_MAX_EFFECT_LOSS,
     base: str | None = None,
     overwrite: bool = False,
 ) -> Conversion:
-    """Write the adapter in `adapter_dir` as a plain LoRA adapter (HF PEFT format) at `output`."""
+    """Write the adapter in `adapter_dir` as a plain LoRA adapter (HF PEFT format) at `output`, or raise
+    VerificationError (nothing written) when the written files do not load as computed or the LoRA loses more
+    than `max_effect_loss` of the adapter's effect on the probe."""
     started = time.perf_counter()
     adapter_dir, output = Path(adapter_dir), Path(output)
     if rank is None and energy is None:
         rank = DEFAULT_RANK
-    check_request(rank, energy)
+    check_request(rank, energy, max_effect_loss)
     method, _, raw = read_adapter_config(adapter_dir)
     check_method(method)
     task = adapter_task(raw)
@@ -303,7 +304,8 @@ def convert_to_lora(
             f"method {method} changes no linear layer here (only {len(copies)} whole module(s), e.g. norms): a LoRA "
             "adapter would hold nothing but modules_to_save copies; export --format peft or safetensors instead"
         )
-    apply_adapter(fresh, _lora_params(fits, copies), AdapterContext(task=task))
+    params = _lora_params(fits, copies)
+    apply_adapter(fresh, params, AdapterContext(task=task))
     _fill(fresh, factors, copies)
     expected = adapter_state_dict(fresh)
     notes = list(source.notes)
@@ -328,10 +330,13 @@ def convert_to_lora(
             if (adapter_dir / name).is_file():
                 shutil.copy2(adapter_dir / name, tmp / name)
         _check_written(tmp, expected)
-        original = probe_logits(source.section, labels, adapter_dir, tokenizers)
-        converted = probe_logits(source.section, labels, tmp, tokenizers)
-        max_abs = max((x - y).abs().max().item() for x, y in zip(original, converted, strict=True))
-        scale = max(x.abs().max().item() for x in original)
+        logits = probe(source.section, labels, adapter_dir, tmp, tokenizers, task, params,
+                       lambda model: _fill(model, factors, copies))  # fmt: skip
+        reload_max_abs, tolerance = check_reload(logits)
+        lost = effect_lost(logits)
+        check_fidelity(lost, max_effect_loss, rank, energy)
+        max_abs = max_abs_diff(logits.written, logits.original)
+        scale = max(x.abs().max().item() for x in logits.original)
         result = Conversion(
             output=output,
             method=method,
@@ -340,6 +345,11 @@ def convert_to_lora(
             modules_to_save=sorted(copies),
             probe_max_abs=max_abs,
             probe_relative=max_abs / scale if scale > 0 else 0.0,
+            effect_lost=lost,
+            max_effect_loss=max_effect_loss,
+            reader=logits.reader,
+            reload_max_abs=reload_max_abs,
+            reload_tolerance=tolerance,
             seconds=time.perf_counter() - started,
             notes=notes,
         )
@@ -357,7 +367,17 @@ def _report(result: Conversion, rank: int | None, energy: float | None) -> dict:
         "ranks": result.ranks,
         "median_relative_error": result.median_error,
         "worst_relative_error": max((fit.relative_error for fit in result.layers), default=0.0),
-        "probe": {"max_abs_logit_diff": result.probe_max_abs, "relative": result.probe_relative},
+        "probe": {
+            "max_abs_logit_diff": result.probe_max_abs,
+            "relative": result.probe_relative,
+            "effect_lost": result.effect_lost,
+            "max_effect_loss": result.max_effect_loss,
+        },
+        "read_back": {
+            "reader": result.reader,
+            "max_abs_logit_diff": result.reload_max_abs,
+            "tolerance": result.reload_tolerance,
+        },
         "modules_to_save": result.modules_to_save,
         "notes": result.notes,
         "layers": [asdict(fit) for fit in result.layers],

@@ -1,10 +1,13 @@
 """`peft export --format lora`: every mergeable method's update as a plain LoRA adapter (truncated SVD), loaded
-by our loader and by HF PEFT with the original adapter's logits at full rank; bad requests refused cleanly."""
+by our loader and by HF PEFT with the original adapter's logits at full rank; a conversion that loses most of
+the adapter, or that HF PEFT reads differently from what was computed, fails and writes nothing; bad requests
+refused cleanly."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,12 @@ import yaml
 
 from peftcli.errors import AdapterError, PeftCliError, VerificationError
 from peftcli.examples.tiny import write_tiny_model
-from peftcli.export.as_lora import REPORT_NAME, check_request, convert_to_lora, factorize
+from peftcli.export.as_lora import DEFAULT_MAX_EFFECT_LOSS, REPORT_NAME, check_request, convert_to_lora, factorize
 from peftcli.tuners.adapter import apply_adapter, load_adapter, save_adapter
 from peftcli.tuners.protocol import AdapterContext
 from peftcli.tuners.registry import get_tuner
 
-from support import logits, max_diff, perturb, run_cli
+from support import logits, max_diff, perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore:The PEFT config.s .base_model_name_or_path. was renamed")
 
@@ -87,6 +90,8 @@ def test_full_rank_reproduces_the_original_adapter(name, base, tmp_path, one_tor
     expected = logits(adapted, _ids())
     assert max_diff(logits(_ours(base, out), _ids()), expected) <= _logit_tolerance(expected)
     assert result.probe_relative <= 256 * EPS  # the CLI's probe says the same on real prompts
+    assert result.effect_lost <= 1e-4  # of the adapter's effect: nothing lost but rounding
+    assert result.reader.startswith("HF PEFT") and result.reload_max_abs <= result.reload_tolerance
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == FULL_RANK
@@ -98,16 +103,18 @@ def test_full_rank_reproduces_the_original_adapter(name, base, tmp_path, one_tor
 @pytest.mark.parametrize("name", ["oft", "ia3"])
 def test_truncation_error_falls_with_rank(name, base, tmp_path, one_torch_thread):
     run, adapted = _run_dir(tmp_path, base, name)  # both have full-rank updates: every rank step matters
-    errors, probes = [], []
+    errors, probes, lost = [], [], []
     for rank in (1, 4, 16, FULL_RANK):
-        result = convert_to_lora(run, tmp_path / f"r{rank}", rank=rank)
+        result = convert_to_lora(run, tmp_path / f"r{rank}", rank=rank, max_effect_loss=math.inf)
         errors.append({fit.module: fit.relative_error for fit in result.layers})
         probes.append(result.probe_max_abs)
+        lost.append(result.effect_lost)
     for coarse, fine in zip(errors, errors[1:], strict=False):
         # Eckart-Young: the best rank-r approximation's error never grows with r
         assert all(fine[m] <= coarse[m] + 1e-6 for m in coarse)
         assert sum(fine.values()) < sum(coarse.values())
     assert probes[-1] < probes[0]
+    assert lost[0] > 0.8 and lost[-1] < 1e-4  # rank 1 keeps next to nothing of a full-rank update (0.96, 0.89)
 
 
 def test_factorize_fixed_rank_and_energy():
@@ -153,7 +160,7 @@ def test_hf_peft_loads_a_fixed_rank_conversion(base, tmp_path, one_torch_thread)
 
     run, _ = _run_dir(tmp_path, base, "ia3")
     out = tmp_path / "lora"
-    convert_to_lora(run, out, rank=8)
+    convert_to_lora(run, out, rank=8, max_effect_loss=1.0)  # about what HF PEFT reads, not how much is lost (0.46)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["rank_pattern"] == {}
     assert sorted(config["target_modules"]) == sorted(set(config["target_modules"]))
@@ -213,6 +220,35 @@ def test_a_reload_that_differs_publishes_nothing(base, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-loha"]
 
 
+def test_a_config_hf_peft_reads_otherwise_than_computed_publishes_nothing(
+    base, tmp_path, monkeypatch, one_torch_thread
+):
+    import peftcli.tuners.adapter as adapter_module
+
+    real_save = adapter_module.save_adapter
+
+    def misstated_alpha(model, out_dir, **kwargs):  # the tensors stay exact: only the read-back by HF PEFT sees it
+        real_save(model, out_dir, **kwargs)
+        path = Path(out_dir) / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config["lora_alpha"] *= 1.05
+        path.write_text(json.dumps(config))
+
+    monkeypatch.setattr(adapter_module, "save_adapter", misstated_alpha)
+    run, _ = _run_dir(tmp_path, base, "lora")  # a rank-4 LoRA at rank 4: the conversion itself loses nothing
+    with pytest.raises(VerificationError, match=r"HF PEFT \S+ reads the written adapter differently .* nothing was"):
+        convert_to_lora(run, tmp_path / "lora", rank=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-lora"]
+
+
+def test_without_hf_peft_the_written_adapter_is_read_back_by_peftcli(base, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setitem(sys.modules, "peft", None)  # what Python does for a package that cannot be imported
+    run, _ = _run_dir(tmp_path, base, "lokr")
+    result = convert_to_lora(run, tmp_path / "lora")
+    assert result.reader == "peftcli's loader (HF PEFT is not installed)"
+    assert result.reload_max_abs <= result.reload_tolerance and result.effect_lost <= DEFAULT_MAX_EFFECT_LOSS
+
+
 @pytest.mark.parametrize(
     ("rank", "energy", "message"),
     [(4, 0.9, "exclude each other"), (0, None, "at least 1"), (None, 0.0, "must be in"), (None, 1.5, "must be in")],
@@ -222,25 +258,64 @@ def test_bad_settings_are_refused(rank, energy, message):
         check_request(rank, energy)
 
 
-def test_cli_converts_and_refuses(base, tmp_path):
+def _peft(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`peft ARGS` in this process, through the console entry point: (exit code, stdout, stderr)."""
+    from peftcli.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["peft", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_converts_and_refuses(base, tmp_path, monkeypatch, capsys, one_torch_thread):
     run, _ = _run_dir(tmp_path, base, "lokr")
     out = tmp_path / "out"
-    done = run_cli("export", str(run), "--format", "lora", "--rank", "4", "-o", str(out))
-    assert done.returncode == 0, done.stderr
-    assert "converted lokr to LoRA (rank 4)" in done.stdout and "probe logits" in done.stdout
-    assert "median" in done.stdout and (out / REPORT_NAME).is_file()
+    code, stdout, stderr = _peft(monkeypatch, capsys, "export", str(run), "--format", "lora", "-o", str(out))
+    assert code == 0, stderr  # the default rank keeps enough of a LoKr on the tiny model (44% lost)
+    assert "converted lokr to LoRA (rank 16)" in stdout and "probe logits" in stdout
+    assert "of the adapter's effect lost (bound 0.5)" in stdout and "read back: HF PEFT" in stdout
+    assert "median" in stdout and (out / REPORT_NAME).is_file()
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["probe"]["max_effect_loss"] == 0.5 and report["read_back"]["reader"].startswith("HF PEFT")
     for args, message in [
         (["--rank", "4"], "already exists; pass --overwrite"),
         (["--rank", "4", "--energy", "0.9", "-o", str(tmp_path / "a")], "exclude each other"),
         (["--energy", "1.5", "-o", str(tmp_path / "b")], "must be in (0, 1]"),
         (["--rank", "0", "-o", str(tmp_path / "c")], "must be at least 1"),
+        (["--max-effect-loss", "-0.1", "-o", str(tmp_path / "c")], "--max-effect-loss: -0.1 must be at least 0"),
     ]:
-        result = run_cli("export", str(run), "--format", "lora", *args, *([] if "-o" in args else ["-o", str(out)]))
-        assert result.returncode == 2, (args, result.stderr)
-        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    peft = run_cli("export", str(run), "--format", "peft", "--rank", "4", "-o", str(tmp_path / "d"))
-    assert peft.returncode == 2 and "apply to --format lora only" in peft.stderr
+        more = [] if "-o" in args else ["-o", str(out)]
+        code, _, stderr = _peft(monkeypatch, capsys, "export", str(run), "--format", "lora", *args, *more)
+        assert code == 2, (args, stderr)
+        assert message in stderr and len(stderr.strip().splitlines()) == 1
+    for flag in ("--rank", "--max-effect-loss"):
+        code, _, stderr = _peft(monkeypatch, capsys, "export", str(run), "--format", "peft", flag, "1")
+        assert code == 2 and "apply to --format lora only" in stderr
     prompt, _ = _run_dir(tmp_path, base, "prompt_tuning", {})
-    refused = run_cli("export", str(prompt), "--format", "lora", "-o", str(tmp_path / "e"))
-    assert refused.returncode == 2 and "method prompt_tuning cannot be exported as LoRA" in refused.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run-lokr", "run-prompt_tuning"]
+    code, _, stderr = _peft(monkeypatch, capsys, "export", str(prompt), "--format", "lora", "-o", str(tmp_path / "e"))
+    assert code == 2 and "method prompt_tuning cannot be exported as LoRA" in stderr
+
+    # OFT changes every direction of a weight a little: rank 1 keeps almost nothing of it
+    oft, _ = _run_dir(tmp_path, base, "oft")
+    lossy = ["export", str(oft), "--format", "lora", "--rank", "1", "-o", str(tmp_path / "oft-r1")]
+    code, stdout, stderr = _peft(monkeypatch, capsys, *lossy)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "the converted LoRA loses 96% of the adapter's effect" in stderr and "--max-effect-loss 0.5;" in stderr
+    assert "raise --rank (now 1)" in stderr and "pass --max-effect-loss 0.97" in stderr
+    assert not (tmp_path / "oft-r1").exists() and "converted" not in stdout
+    code, stdout, stderr = _peft(monkeypatch, capsys, *lossy, "--max-effect-loss", "0.97")
+    assert code == 0, stderr
+    assert "96.4% of the adapter's effect lost (bound 0.97)" in stdout and (tmp_path / "oft-r1").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oft-r1", "out", "run-lokr", "run-oft", "run-prompt_tuning"]
+
+
+def test_the_cli_defaults_are_the_library_defaults():
+    from peftcli.cli import export as cli
+    from peftcli.export import as_lora
+
+    assert (cli.DEFAULT_RANK, cli.DEFAULT_MAX_EFFECT_LOSS) == (as_lora.DEFAULT_RANK, as_lora.DEFAULT_MAX_EFFECT_LOSS)
