@@ -53,10 +53,10 @@ def export(
     max_effect_loss: float | None = typer.Option(
         None,
         "--max-effect-loss",
-        help="lora and gguf-lora's conversion: fail (exit 1, nothing written) when the LoRA loses more than this share of the adapter's effect "
-        "on a few fixed prompts' logits, ||LoRA - adapter|| / ||adapter - base|| (0: exact; 1: as if there were no "
-        f"adapter). Default {DEFAULT_MAX_EFFECT_LOSS}: keep at least half. Raise --rank/--energy to lose less, or "
-        "raise this to accept the loss.",
+        help="lora, gguf-lora: fail (exit 1, nothing written) when the LoRA loses more than this share of the "
+        "adapter's effect on a few fixed prompts' logits, ||LoRA - adapter|| / ||adapter - base|| (0: exact; 1: as "
+        f"if there were no adapter). Default {DEFAULT_MAX_EFFECT_LOSS}: keep at least half. Raise --rank/--energy "
+        "to lose less, or raise this to accept the loss.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     verify: bool = typer.Option(

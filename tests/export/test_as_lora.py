@@ -295,7 +295,7 @@ def test_cli_converts_and_refuses(base, tmp_path, monkeypatch, capsys, one_torch
         assert message in stderr and len(stderr.strip().splitlines()) == 1
     for flag in ("--rank", "--max-effect-loss"):
         code, _, stderr = _peft(monkeypatch, capsys, "export", str(run), "--format", "peft", flag, "1")
-        assert code == 2 and "apply to --format lora only" in stderr
+        assert code == 2 and "apply to --format lora and gguf-lora only" in stderr
     prompt, _ = _run_dir(tmp_path, base, "prompt_tuning", {})
     code, _, stderr = _peft(monkeypatch, capsys, "export", str(prompt), "--format", "lora", "-o", str(tmp_path / "e"))
     assert code == 2 and "method prompt_tuning cannot be exported as LoRA" in stderr

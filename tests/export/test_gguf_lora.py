@@ -247,7 +247,7 @@ def test_another_method_converts_by_svd_when_asked(exported, tiny_model_dir, tmp
 
     run = _run(tmp_path, tiny_model_dir, "loha")
     out = tmp_path / "loha.gguf"
-    _export_gguf_lora(run, out, "f32", 64, None, None, False, True, True)
+    _export_gguf_lora(run, out, "f32", 64, None, 0.5, None, False, True, True)
     printed = capsys.readouterr().out
     assert "converted loha to LoRA (rank 64)" in printed and "-> " + str(out) in printed
     assert gguf.GGUFReader(out).fields["general.name"].contents() == run.name
