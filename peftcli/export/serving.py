@@ -140,7 +140,7 @@ def serving_warnings(config: dict, tensors: Mapping[str, tuple[int, ...]] | None
     if peft_type != "LORA":
         return [
             f"{peft_type or 'this'} adapters load in HF PEFT, but vLLM and llama.cpp serve LoRA only; "
-            f"convert with --format lora or {MERGED}"
+            f"convert with --format lora (or --format gguf-lora --rank R for llama.cpp), or {MERGED}"
         ]
     lines = []
     if config.get("modules_to_save"):
